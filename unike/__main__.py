@@ -1,0 +1,3 @@
+from unike.cli import main
+
+main()

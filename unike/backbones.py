@@ -1,0 +1,300 @@
+"""Backbones: a `Blip2ForConditionalGeneration` plus what editing needs around it.
+
+Both paper backbones (BLIP-2 OPT and MiniGPT-4) and their tiny stand-ins are the same
+transformers class with an OPT or a LLaMA text model; they differ only in the prompt
+wrapper and in the names of the text model's parts. Everything model-specific lives in
+`TextStack`, so editors never branch on the architecture.
+
+Inputs are `Sample`s (image path or None, prompt, answer). `Backbone.encode` turns a list
+of them into one right-padded `Batch` in which image rows and text-only rows mix freely:
+image features are written into the placeholder positions of the rows that have an image.
+Image features come from a cache keyed by path, because no method edits the vision side.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+PromptStyle = Literal["blip2", "minigpt4"]
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_TOKEN = "<image>"
+MINIGPT4_BEFORE_IMAGE = "###Human: <Img>"
+MINIGPT4_AFTER_IMAGE = "</Img> "
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One teacher-forced input: the answer's tokens are scored given image + prompt."""
+
+    image: Path | None
+    prompt: str
+    answer: str
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    answer_mask: torch.Tensor  # (B, T) True on answer tokens
+    image_rows: list[int]  # rows holding image placeholders, in order
+    images: list[Path]  # one per image row
+    image_features: torch.Tensor | None = None  # (len(image_rows), Q, D), filled by Backbone
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def answer_targets(self) -> list[torch.Tensor]:
+        """Per row, the answer token ids (what teacher forcing must predict)."""
+        return [self.input_ids[i][self.answer_mask[i]] for i in range(len(self))]
+
+
+@dataclass
+class Prefix:
+    """Residual stream entering decoder layer `layer`, plus the kwargs that layer was
+    called with (causal mask, positions, rotary tables): enough to run the rest of the
+    stack without recomputing the layers below."""
+
+    layer: int
+    hidden: torch.Tensor
+    layer_kwargs: dict = field(repr=False)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class TextStack:
+    """Uniform access to the decoder of an OPT or LLaMA causal LM."""
+
+    def __init__(self, lm: nn.Module):
+        self.lm = lm
+        self.kind = lm.config.model_type
+        if self.kind == "opt":
+            decoder = lm.model.decoder
+            self.layers = decoder.layers
+            self._final = [m for m in (decoder.final_layer_norm, decoder.project_out) if m is not None]
+        elif self.kind == "llama":
+            self.layers = lm.model.layers
+            self._final = [lm.model.norm]
+        else:
+            raise ValueError(f"unsupported text model type {self.kind!r} (expected opt or llama)")
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def ffn_linears(self, layer: int) -> dict[str, nn.Linear]:
+        """The FFN's input projections ("in") and output projection ("out") of one layer."""
+        block = self.layers[layer]
+        if self.kind == "opt":
+            return {"in.fc1": block.fc1, "out.fc2": block.fc2}
+        mlp = block.mlp
+        return {"in.gate_proj": mlp.gate_proj, "in.up_proj": mlp.up_proj, "out.down_proj": mlp.down_proj}
+
+    def ffn_parameters(self, layer: int) -> dict[str, nn.Parameter]:
+        prefix = f"layers.{layer}."
+        return {
+            prefix + name.split(".", 1)[1] + "." + pname: p
+            for name, lin in self.ffn_linears(layer).items()
+            for pname, p in lin.named_parameters()
+        }
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        for module in self._final:
+            hidden = module(hidden)
+        return self.lm.lm_head(hidden)
+
+
+class Backbone:
+    def __init__(self, name: str, model, tokenizer, prompt_style: PromptStyle, image_size: int, device: str = "cpu"):
+        self.name = name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.prompt_style = prompt_style
+        self.image_size = image_size
+        self.device = torch.device(device)
+        self.text = TextStack(model.language_model)
+        self.num_query_tokens = model.config.num_query_tokens
+        self.image_token_id = model.config.image_token_id
+        self.bos_id = tokenizer.bos_token_id
+        self._feature_cache: dict[Path, torch.Tensor] = {}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    # ---------------------------------------------------------------- tokenization
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _prompt_answer_ids(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        full = self._ids(prompt + " " + answer)
+        head = self._ids(prompt)
+        if full[: len(head)] != head or len(full) == len(head):
+            raise ValueError(
+                f"prompt/answer boundary is not a clean token boundary: {prompt!r} + {answer!r} "
+                f"tokenizes as {full} but the prompt alone as {head}"
+            )
+        return head, full[len(head):]
+
+    def sample_ids(self, sample: Sample) -> tuple[list[int], int]:
+        """Token ids of one sample and the index where its answer starts."""
+        prompt, answer = self._prompt_answer_ids(sample.prompt, sample.answer)
+        if sample.image is None:
+            ids = [self.bos_id] + prompt
+        elif self.prompt_style == "blip2":
+            # BLIP-2 OPT: query embeddings first, then BOS and the text.
+            ids = [self.image_token_id] * self.num_query_tokens + [self.bos_id] + prompt
+        else:
+            # MiniGPT-4: "###Human: <Img>" + image embeds + "</Img> " + text. The text after
+            # the image is tokenized on its own, as MiniGPT-4 does with its segments.
+            prompt, answer = self._prompt_answer_ids(MINIGPT4_AFTER_IMAGE + sample.prompt, sample.answer)
+            ids = ([self.bos_id] + self._ids(MINIGPT4_BEFORE_IMAGE)
+                   + [self.image_token_id] * self.num_query_tokens + prompt)
+        return ids + answer, len(ids)
+
+    def encode(self, samples: list[Sample], with_eos: bool = False) -> Batch:
+        rows, starts = zip(*(self.sample_ids(s) for s in samples))
+        if with_eos:
+            rows = [r + [self.tokenizer.eos_token_id] for r in rows]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        answer = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, (r, s) in enumerate(zip(rows, starts)):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            attention[i, : len(r)] = 1
+            answer[i, s : len(r)] = True
+        image_rows = [i for i, s in enumerate(samples) if s.image is not None]
+        batch = Batch(input_ids, attention, answer, image_rows, [samples[i].image for i in image_rows])
+        n_placeholders = int((input_ids == self.image_token_id).sum())
+        assert n_placeholders == len(image_rows) * self.num_query_tokens, "image placeholder count mismatch"
+        return batch
+
+    # ---------------------------------------------------------------- images
+    def load_pixels(self, paths: list[Path]) -> torch.Tensor:
+        mean = np.array(CLIP_MEAN, dtype=np.float32)
+        std = np.array(CLIP_STD, dtype=np.float32)
+        arrays = []
+        for path in paths:
+            with Image.open(path) as im:
+                im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
+                arrays.append((np.asarray(im, dtype=np.float32) / 255.0 - mean) / std)
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    @torch.no_grad()
+    def image_features(self, paths: list[Path]) -> torch.Tensor:
+        missing = list(dict.fromkeys(p for p in paths if p not in self._feature_cache))
+        if missing:
+            pixels = self.load_pixels(missing).to(self.device, self.model.dtype)
+            interpolate = self.image_size != self.model.config.vision_config.image_size
+            feats = self.model.get_image_features(pixels, interpolate_pos_encoding=interpolate).pooler_output
+            self._feature_cache.update(zip(missing, feats))
+        return torch.stack([self._feature_cache[p] for p in paths])
+
+    def clear_image_cache(self) -> None:
+        self._feature_cache.clear()
+
+    # ---------------------------------------------------------------- forward
+    def to_device(self, batch: Batch) -> Batch:
+        if batch.image_rows and batch.image_features is None:
+            batch.image_features = self.image_features(batch.images)
+        batch.input_ids = batch.input_ids.to(self.device)
+        batch.attention_mask = batch.attention_mask.to(self.device)
+        batch.answer_mask = batch.answer_mask.to(self.device)
+        return batch
+
+    def input_embeds(self, batch: Batch) -> torch.Tensor:
+        embeds = self.model.get_input_embeddings()(batch.input_ids)
+        if batch.image_rows:
+            mask = (batch.input_ids == self.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, batch.image_features.to(embeds.dtype))
+        return embeds
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        batch = self.to_device(batch)
+        out = self.text.lm(inputs_embeds=self.input_embeds(batch), attention_mask=batch.attention_mask)
+        return out.logits
+
+    @torch.no_grad()
+    def prefix(self, batch: Batch, layer: int) -> Prefix:
+        """Run the stack only up to decoder layer `layer` and capture its input."""
+        batch = self.to_device(batch)
+        captured = {}
+
+        def grab(_module, args, kwargs):
+            captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _StopForward
+
+        handle = self.text.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.text.lm(inputs_embeds=self.input_embeds(batch), attention_mask=batch.attention_mask)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return Prefix(layer, captured["hidden"], captured["kwargs"])
+
+    def logits_from(self, prefix: Prefix) -> torch.Tensor:
+        hidden = prefix.hidden
+        for block in self.text.layers[prefix.layer:]:
+            hidden = block(hidden, **prefix.layer_kwargs)
+        return self.text.head(hidden)
+
+    @torch.no_grad()
+    def greedy(self, samples: list[Sample], max_new_tokens: int = 12) -> list[str]:
+        """Greedy answers to the samples' prompts (their `answer` is ignored)."""
+        eos = self.tokenizer.eos_token_id
+        out = []
+        for sample in samples:
+            ids, start = self.sample_ids(Sample(sample.image, sample.prompt, "x"))
+            ids = ids[:start]
+            feats = self.image_features([sample.image]) if sample.image is not None else None
+            new: list[int] = []
+            for _ in range(max_new_tokens):
+                t = torch.tensor([ids + new], device=self.device)
+                batch = Batch(t, torch.ones_like(t), torch.zeros_like(t, dtype=torch.bool),
+                              [0] if feats is not None else [], [sample.image] if feats is not None else [], feats)
+                nxt = int(self.logits(batch)[0, -1].argmax())
+                if nxt == eos:
+                    break
+                new.append(nxt)
+            out.append(self.tokenizer.decode(new, skip_special_tokens=True).strip())
+        return out
+
+
+def answer_predictions(logits: torch.Tensor, batch: Batch) -> list[torch.Tensor]:
+    """Per row, the argmax prediction at each answer position (teacher forcing)."""
+    pred = logits[:, :-1].argmax(-1)
+    mask = batch.answer_mask[:, 1:]
+    return [pred[i][mask[i]] for i in range(len(batch))]
+
+
+def load_backbone(name: str, path: Path, device: str = "cpu", dtype: str = "float32") -> Backbone:
+    """Load a backbone directory written by `save_backbone` (tiny) or prepared from real weights."""
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration
+
+    path = Path(path)
+    meta_path = path / "unike_backbone.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} is missing: {path} is not a prepared backbone directory")
+    meta = json.loads(meta_path.read_text())
+    model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return Backbone(name, model, tokenizer, meta["prompt_style"], meta["image_size"], device)
+
+
+def save_backbone(backbone_dir: Path, model, tokenizer, prompt_style: PromptStyle, image_size: int, extra: dict) -> None:
+    backbone_dir = Path(backbone_dir)
+    model.save_pretrained(backbone_dir)
+    tokenizer.save_pretrained(backbone_dir)
+    meta = {"prompt_style": prompt_style, "image_size": image_size, **extra}
+    (backbone_dir / "unike_backbone.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

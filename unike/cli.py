@@ -1,0 +1,231 @@
+"""One command-line entry for every step the workflow runs: `python -m unike STEP ...`.
+
+Each step reads the validated config, finds its inputs and outputs through `Layout`,
+and writes its outputs atomically enough that Snakemake's own bookkeeping can resume.
+Heavy imports (torch, transformers) happen inside the steps that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+from unike.config import SPLIT_FILES, Cell, Layout, cell_config_hash, load_config
+
+log = logging.getLogger("unike")
+
+
+def _setup(args) -> tuple[dict, Layout]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    config = load_config(args.config)
+    return config, Layout(config)
+
+
+def _torch_setup(config: dict):
+    import torch
+
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"])
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch
+
+
+def _world_config(config: dict):
+    from unike.world import WorldConfig
+
+    return WorldConfig.from_dict({"seed": config["seed"], **config.get("world", {})})
+
+
+def cmd_make_world(args) -> None:
+    config, layout = _setup(args)
+    from unike.world import generate_world
+
+    summary = generate_world(layout.world, _world_config(config))
+    log.info("tiny world written to %s: %s", layout.world, summary)
+
+
+def cmd_pretrain_backbone(args) -> None:
+    config, layout = _setup(args)
+    _torch_setup(config)
+    from unike.tiny import PretrainConfig, TinyArch, pretrain
+    from unike.world import vocabulary
+
+    entry = config["backbones"][args.backbone]
+    if entry["source"] != "tiny":
+        raise SystemExit(f"{args.backbone} is not a tiny backbone: nothing to pretrain")
+    out = layout.backbone_dir(args.backbone)
+    out.mkdir(parents=True, exist_ok=True)
+    report = pretrain(layout.world, out, TinyArch(**entry.get("arch", {})),
+                      PretrainConfig(**{"seed": config["seed"], **entry.get("pretrain", {})}),
+                      entry["prompt_style"], vocabulary(_world_config(config)), threads=config["threads"])
+    log.info("%s: held-out answer-token accuracy %.3f", args.backbone, report["heldout"]["token_acc"])
+
+
+def _load_backbone(config: dict, layout: Layout, name: str):
+    from unike.backbones import load_backbone
+
+    return load_backbone(name, layout.backbone_dir(name), config["device"], config.get("dtype", "float32"))
+
+
+def cmd_mine_edits(args) -> None:
+    """Keep the tiny world's edit candidates the backbone really gets wrong; `pred` becomes
+    its greedy answer."""
+    config, layout = _setup(args)
+    _torch_setup(config)
+    from unike.data import edit_sample, load_cases
+
+    backbone = _load_backbone(config, layout, args.backbone)
+    out_dir = layout.annotations(args.backbone)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for (task, split), filename in sorted(SPLIT_FILES.items()):
+        records = json.loads((layout.world / filename).read_text())
+        cases = load_cases(layout.world / filename, task, layout.world)
+        answers = backbone.greedy([edit_sample(c) for c in cases], config["data"].get("mining_max_new_tokens", 10))
+        kept = []
+        for record, answer in zip(records, answers):
+            if answer != record["alt"]:
+                kept.append({**record, "pred": answer})
+        said_old = sum(a == r["pred"] for r, a in zip(records, answers))
+        summary[filename] = {"candidates": len(records), "mistakes": len(kept), "said_old_fact": said_old}
+        log.info("%s %s: %d of %d candidates are real mistakes (%d give the outdated fact)",
+                 args.backbone, filename, len(kept), len(records), said_old)
+        (out_dir / filename).write_text(json.dumps(kept, indent=1) + "\n")
+    (out_dir / "mining.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+def _eval_cases(config: dict, layout: Layout, backbone: str, task: str):
+    from unike.data import load_cases
+
+    limit = config["data"].get("n_eval", {}).get(task)
+    return load_cases(layout.annotations(backbone) / SPLIT_FILES[(task, "eval")], task, layout.image_root,
+                      skip_bad=config["data"].get("skip_bad_records", False), limit=limit)
+
+
+def cmd_cache_pre_edit(args) -> None:
+    config, layout = _setup(args)
+    _torch_setup(config)
+    from unike.harness import pre_edit_predictions, save_pre_edit
+
+    backbone = _load_backbone(config, layout, args.backbone)
+    cases = _eval_cases(config, layout, args.backbone, args.task)
+    save_pre_edit(layout.pre_edit(args.backbone, args.task), pre_edit_predictions(backbone, cases), args.backbone)
+    log.info("pre-edit predictions of %d %s cases cached", len(cases), args.task)
+
+
+def _code_version() -> str:
+    import hashlib
+
+    import unike
+
+    root = Path(unike.__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in ("unike", "baselines"):
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+    return f"0.1.0+{digest.hexdigest()[:12]}"
+
+
+def _device_string(config: dict) -> str:
+    import torch
+
+    if config["device"].startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(config["device"]))
+    return f"cpu {platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def cmd_edit_eval(args) -> None:
+    config, layout = _setup(args)
+    torch = _torch_setup(config)
+    from unike.editing import create_editor
+    from unike.harness import load_pre_edit, make_sequences, run_sequences
+    from unike.metrics import METRIC_VERSION
+    from unike.store import write_run
+
+    t_start = time.time()
+    cell = Cell(args.method, args.backbone, args.task, args.regime)
+    backbone = _load_backbone(config, layout, cell.backbone)
+    tasks = ("e-vqa", "e-ic") if cell.task == "cross-task" else (cell.task,)
+    cases_by_task, pre_edit = {}, {}
+    for task in tasks:
+        cases_by_task[task] = _eval_cases(config, layout, cell.backbone, task)
+        pre_edit.update(load_pre_edit(layout.pre_edit(cell.backbone, task), cases_by_task[task]))
+    artifacts = dict(a.split("=", 1) for a in args.artifact)
+    editor = create_editor(config["methods"][cell.method], backbone, {k: Path(v) for k, v in artifacts.items()})
+    sequences = make_sequences(cases_by_task, cell.regime, config["seed"])
+    log.info("%s: %d sequences, %d edits", cell, len(sequences), sum(map(len, sequences)))
+    rows = run_sequences(editor, sequences, pre_edit)
+
+    stem = layout.run_stem(cell)
+    run_id = "/".join([cell.method, cell.backbone, cell.task, cell.regime, f"seed{config['seed']}"])
+    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if config["device"].startswith("cuda")
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    provenance = {
+        "run_id": run_id, **cell.__dict__, "seed": config["seed"], "n_edits": len(rows),
+        "config_hash": cell_config_hash(config, cell), "code_version": _code_version(),
+        "metric_version": METRIC_VERSION, "device": _device_string(config), "wall_s": time.time() - t_start,
+        "edit_s_mean": sum(r["edit_s"] for r in rows) / max(len(rows), 1), "peak_mem_mb": peak_mb,
+        "hparams": config["methods"][cell.method].get("hparams", {}),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__},
+    }
+    write_run(stem.with_suffix(".parquet"), stem.with_suffix(".json"),
+              [{"run_id": run_id, **r} for r in rows], provenance)
+    log.info("%s: %d rows written to %s", run_id, len(rows), stem.with_suffix(".parquet"))
+
+
+def cmd_aggregate(args) -> None:
+    _, layout = _setup(args)
+    from unike.store import aggregate
+
+    pairs = [(Path(p), Path(p).with_suffix(".json")) for p in args.runs]
+    aggregate(pairs, layout.db)
+    log.info("%s rebuilt from %d runs", layout.db, len(pairs))
+
+
+def cmd_report(args) -> None:
+    config, layout = _setup(args)
+    from reports.render import render_report
+
+    backbone_map = {name: b["paper_name"] for name, b in config["backbones"].items()}
+    render_report(layout.db, layout.report, backbone_map)
+    log.info("report written to %s", layout.report / "index.html")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unike", description=__doc__)
+    sub = parser.add_subparsers(dest="step", required=True)
+
+    def step(name, fn, *options):
+        p = sub.add_parser(name, help=fn.__doc__)
+        p.add_argument("--config", required=True, help="config YAML")
+        for opt in options:
+            p.add_argument(f"--{opt}", required=True)
+        p.set_defaults(fn=fn)
+        return p
+
+    step("make-world", cmd_make_world)
+    step("pretrain-backbone", cmd_pretrain_backbone, "backbone")
+    step("mine-edits", cmd_mine_edits, "backbone")
+    step("cache-pre-edit", cmd_cache_pre_edit, "backbone", "task")
+    p = step("edit-eval", cmd_edit_eval, "method", "backbone", "task", "regime")
+    p.add_argument("--artifact", action="append", default=[], help="NAME=PATH of a prepared editor artifact")
+    step("aggregate", cmd_aggregate).add_argument("runs", nargs="*", help="run Parquet files")
+    step("report", cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

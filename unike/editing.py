@@ -1,0 +1,104 @@
+"""The editor protocol and the registry that finds editors by name.
+
+An editor is prepared once per (backbone, task) run, then applies edits one after the
+other (a sequence; one-step editing is a sequence of one), predicts on scored inputs, and
+restores the unedited backbone bit-exactly before the next sequence. Capability flags
+(`needs_training`, `supports_sequential`) let the workflow and the harness decide what to
+run without knowing method names.
+
+A config entry names its editor class by import path ("baselines.ft:FineTune"); the
+module is imported only when that method runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from unike.backbones import Backbone, Sample, answer_predictions
+from unike.data import EditCase
+
+
+@dataclasses.dataclass(frozen=True)
+class NoHparams:
+    pass
+
+
+class Editor:
+    needs_training: ClassVar[bool] = False
+    supports_sequential: ClassVar[bool] = True
+    Hparams: ClassVar[type] = NoHparams
+
+    def __init__(self, backbone: Backbone, hparams: dict | None = None, artifacts: dict[str, Path] | None = None):
+        self.backbone = backbone
+        self.hparams = parse_hparams(self.Hparams, hparams or {}, type(self).__name__)
+        self.artifacts = artifacts or {}
+
+    def edit(self, case: EditCase) -> None:
+        """Apply one edit on top of the edits already applied."""
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        """Undo every edit: the backbone's weights must be bit-identical afterwards."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, samples: list[Sample]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Argmax predictions and targets at the answer positions of each sample, batched.
+        Editors that change the input (in-context methods) or route between models
+        override this."""
+        batch = self.backbone.encode(samples)
+        return answer_predictions(self.backbone.logits(batch), batch), batch.answer_targets()
+
+
+class NoEdit(Editor):
+    """The unedited backbone: the reference row of every table."""
+
+    def edit(self, case: EditCase) -> None:
+        pass
+
+    def restore(self) -> None:
+        pass
+
+
+class ParamSnapshot:
+    """Copies of the parameters an editor changes, for a bit-exact restore."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]):
+        self.params = params
+        self.saved = {name: p.detach().clone() for name, p in params.items()}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, p in self.params.items():
+            p.copy_(self.saved[name])
+
+
+def parse_hparams(cls: type, values: dict, owner: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{owner}: unknown hyperparameter(s) {unknown}; known: {sorted(names)}")
+    return cls(**values)
+
+
+def resolve_editor(spec: str) -> type[Editor]:
+    """Import "package.module:ClassName" and check it is an Editor."""
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise ValueError(f"editor spec {spec!r} must look like 'package.module:ClassName'")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load editor {spec!r}: {e}") from e
+    if not (isinstance(cls, type) and issubclass(cls, Editor)):
+        raise ValueError(f"{spec!r} is not an Editor subclass")
+    return cls
+
+
+def create_editor(method_cfg: dict, backbone: Backbone, artifacts: dict[str, Path] | None = None) -> Editor:
+    return resolve_editor(method_cfg["editor"])(backbone, method_cfg.get("hparams", {}), artifacts)

@@ -1,0 +1,105 @@
+"""The editing harness: pre-edit predictions, edit sequences, scoring.
+
+Every regime is a list of sequences: one-step editing is sequences of one case; seq-K
+edits K cases one after another and scores all of them after the K-th edit (paper
+Appendix B.2); cross-task sequences mix tasks. The model is loaded once per job; each
+case's five scored inputs go through the model as one batch; pre-edit predictions are
+computed once per (backbone, dataset) and read back from a file.
+
+Each case's batch is exactly the same before and after editing, so a no-op edit gives
+bit-identical logits and a locality of exactly 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from unike.backbones import Backbone, answer_predictions
+from unike.data import ROWS, EditCase, case_samples
+from unike.editing import Editor
+from unike.metrics import score_case
+
+log = logging.getLogger(__name__)
+REGIMES = {"one-step": 1, "seq-10": 10, "seq-20": 20, "cross-10": 10}
+
+
+@torch.no_grad()
+def pre_edit_predictions(backbone: Backbone, cases: list[EditCase]) -> dict[str, dict[str, list[int]]]:
+    out = {}
+    for i, case in enumerate(cases):
+        batch = backbone.encode(case_samples(case))
+        preds = answer_predictions(backbone.logits(batch), batch)
+        out[case.case_id] = {row: p.tolist() for row, p in zip(ROWS, preds)}
+        if (i + 1) % 50 == 0:
+            log.info("pre-edit predictions: %d/%d cases", i + 1, len(cases))
+    return out
+
+
+def save_pre_edit(path: Path, preds: dict, backbone_name: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"backbone": backbone_name, "cases": preds}, sort_keys=True) + "\n")
+
+
+def load_pre_edit(path: Path, cases: list[EditCase]) -> dict[str, dict[str, torch.Tensor]]:
+    data = json.loads(Path(path).read_text())["cases"]
+    missing = [c.case_id for c in cases if c.case_id not in data]
+    if missing:
+        raise KeyError(f"{path}: no pre-edit predictions for cases {missing[:5]} (re-run cache_pre_edit)")
+    return {c.case_id: {row: torch.tensor(v, dtype=torch.long) for row, v in data[c.case_id].items()} for c in cases}
+
+
+def make_sequences(cases_by_task: dict[str, list[EditCase]], regime: str, seed: int) -> list[list[EditCase]]:
+    """Deterministic edit sequences for a regime. Seq and cross regimes keep only full
+    sequences; cross-task sequences hold K/2 cases of each of two tasks."""
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; known: {sorted(REGIMES)}")
+    k = REGIMES[regime]
+    rng = random.Random(seed)
+    if regime.startswith("cross"):
+        if len(cases_by_task) != 2:
+            raise ValueError(f"{regime} needs cases of exactly two tasks, got {sorted(cases_by_task)}")
+        halves = []
+        for task in sorted(cases_by_task):
+            pool = list(cases_by_task[task])
+            rng.shuffle(pool)
+            halves.append([pool[i : i + k // 2] for i in range(0, len(pool) - k // 2 + 1, k // 2)])
+        return [a + b for a, b in zip(*halves)]
+    if len(cases_by_task) != 1:
+        raise ValueError(f"{regime} takes one task, got {sorted(cases_by_task)}")
+    pool = list(next(iter(cases_by_task.values())))
+    if k == 1:
+        return [[c] for c in pool]
+    rng.shuffle(pool)
+    return [pool[i : i + k] for i in range(0, len(pool) - k + 1, k)]
+
+
+def run_sequences(editor: Editor, sequences: list[list[EditCase]], pre_edit: dict[str, dict[str, torch.Tensor]],
+                  progress_every: int = 10) -> list[dict]:
+    """Edit each sequence, score every case of it after its last edit, restore."""
+    if any(len(s) > 1 for s in sequences) and not editor.supports_sequential:
+        raise ValueError(f"{type(editor).__name__} does not support sequential editing")
+    rows, t_start, n_done = [], time.time(), 0
+    total = sum(len(s) for s in sequences)
+    for seq_id, sequence in enumerate(sequences):
+        edit_times = []
+        for case in sequence:
+            t0 = time.perf_counter()
+            editor.edit(case)
+            edit_times.append(time.perf_counter() - t0)
+        for case, edit_s in zip(sequence, edit_times):
+            preds, targets = editor.predict(case_samples(case))
+            scores = score_case(dict(zip(ROWS, preds)), dict(zip(ROWS, targets)), pre_edit[case.case_id])
+            rows.append({"case_id": case.case_id, "task": case.task, "sequence_id": seq_id, **scores, "edit_s": edit_s})
+        editor.restore()
+        n_done += len(sequence)
+        if n_done % progress_every < len(sequence) or n_done == total:
+            elapsed = time.time() - t_start
+            log.info("edited %d/%d cases (%.1f s, ETA %.0f s)", n_done, total, elapsed,
+                     elapsed / n_done * (total - n_done))
+    return rows

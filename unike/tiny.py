@@ -1,0 +1,187 @@
+"""Tiny backbones: real `Blip2ForConditionalGeneration` models with small configs,
+pretrained on the old tiny world on CPU, saved and loaded exactly like real weights.
+
+Configuration choices (vision tower init, Q-Former cross-attention in every layer, no
+dropout, an explicit image token id) work around the transformers 5 Blip2 pitfalls
+listed in docs/tiny-world.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from unike.backbones import IMAGE_TOKEN, Backbone, Sample, answer_predictions, save_backbone
+from unike.data import vqa_prompt
+
+log = logging.getLogger(__name__)
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+FIXED_WORDS = ["question", "short", "answer", ":", "###", "human", "<", "img", ">", "</", "/"]
+
+
+@dataclass(frozen=True)
+class TinyArch:
+    text_model: str  # "opt" or "llama"
+    hidden: int = 128
+    layers: int = 4
+    ffn: int = 512
+    heads: int = 4
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    qformer_layers: int = 2
+    num_query_tokens: int = 8
+    patch_size: int = 8
+    image_size: int = 64
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    steps: int = 900
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def build_tokenizer(words: list[str]):
+    """A lowercase word-level tokenizer over a closed vocabulary."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(SPECIAL_TOKENS.values()) + [IMAGE_TOKEN]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(words) | set(FIXED_WORDS)))}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    # Same rule as the world's vocabulary (\w+|[^\w\s]+), so every world text is covered.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+"), behavior="isolated")
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS, additional_special_tokens=[IMAGE_TOKEN])
+
+
+def build_model(arch: TinyArch, tokenizer):
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig
+
+    vision = Blip2VisionConfig(
+        hidden_size=arch.vision_hidden, intermediate_size=4 * arch.vision_hidden, num_hidden_layers=arch.vision_layers,
+        num_attention_heads=4, image_size=arch.image_size, patch_size=arch.patch_size, initializer_range=0.02,
+        attention_dropout=0.0,
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=arch.vision_hidden, num_hidden_layers=arch.qformer_layers, num_attention_heads=4,
+        intermediate_size=4 * arch.vision_hidden, cross_attention_frequency=1, encoder_hidden_size=arch.vision_hidden,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    if arch.text_model == "opt":
+        from transformers import OPTConfig
+
+        text = OPTConfig(hidden_size=arch.hidden, num_hidden_layers=arch.layers, ffn_dim=arch.ffn,
+                         num_attention_heads=arch.heads, word_embed_proj_dim=arch.hidden, max_position_embeddings=256,
+                         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **ids)
+    elif arch.text_model == "llama":
+        from transformers import LlamaConfig
+
+        text = LlamaConfig(hidden_size=arch.hidden, num_hidden_layers=arch.layers, intermediate_size=arch.ffn,
+                           num_attention_heads=arch.heads, num_key_value_heads=arch.heads, max_position_embeddings=256,
+                           tie_word_embeddings=False, **ids)
+    else:
+        raise ValueError(f"unknown tiny text model {arch.text_model!r}")
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+                         num_query_tokens=arch.num_query_tokens,
+                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    return Blip2ForConditionalGeneration(config)
+
+
+def corpus_samples(records: list[dict], world_dir: Path) -> list[Sample]:
+    """Pretraining records (kind, image, prompt, answer) as the samples editing will score."""
+    samples = []
+    for r in records:
+        image = world_dir / r["image"] if r["image"] else None
+        prompt = vqa_prompt(r["prompt"]) if r["kind"] == "vqa" else r["prompt"]
+        samples.append(Sample(image, prompt, r["answer"]))
+    return samples
+
+
+@torch.no_grad()
+def answer_token_accuracy(backbone: Backbone, samples: list[Sample], batch_size: int = 128) -> dict[str, float]:
+    hits = total = exact = 0
+    for i in range(0, len(samples), batch_size):
+        batch = backbone.encode(samples[i : i + batch_size])
+        preds = answer_predictions(backbone.logits(batch), batch)
+        for p, t in zip(preds, batch.answer_targets()):
+            hits += int((p == t).sum())
+            total += len(t)
+            exact += int(bool((p == t).all()))
+    return {"token_acc": hits / total, "exact_match": exact / len(samples), "n": len(samples)}
+
+
+def pretrain(world_dir: Path, out_dir: Path, arch: TinyArch, train: PretrainConfig, prompt_style: str,
+             vocabulary: list[str], threads: int = 1) -> dict:
+    """Pretrain a tiny backbone on the old world; save it with `save_pretrained`."""
+    torch.manual_seed(train.seed)
+    torch.set_num_threads(threads)
+    tokenizer = build_tokenizer(vocabulary)
+    model = build_model(arch, tokenizer)
+    backbone = Backbone("pretraining", model, tokenizer, prompt_style, arch.image_size)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+
+    train_samples = corpus_samples(json.loads((world_dir / "pretrain.json").read_text()), world_dir)
+    heldout = corpus_samples(json.loads((world_dir / "pretrain_eval.json").read_text()), world_dir)
+    pixels_of = _pixel_table(backbone, train_samples)
+
+    opt = torch.optim.AdamW([p for p in model.parameters()], lr=train.lr, weight_decay=train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / train.warmup)
+                                              * 0.5 * (1 + math.cos(math.pi * min(s, train.steps) / train.steps)))
+    gen = torch.Generator().manual_seed(train.seed)
+    history = []
+    t0 = time.time()
+    for step in range(train.steps):
+        idx = torch.randint(len(train_samples), (train.batch_size,), generator=gen).tolist()
+        batch = backbone.encode([train_samples[i] for i in idx], with_eos=True)
+        # Training needs gradients through the vision tower, so features are not cached here.
+        batch.image_features = (model.get_image_features(pixels_of(batch.images)).pooler_output
+                                if batch.image_rows else None)
+        logits = backbone.logits(batch)
+        target = batch.input_ids[:, 1:]
+        mask = batch.answer_mask[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1][mask], target[mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == train.steps - 1:
+            history.append({"step": step, "loss": float(loss), "lr": sched.get_last_lr()[0], "s": time.time() - t0})
+            log.info("pretrain step %d/%d loss %.4f (%.0f s)", step, train.steps, float(loss), time.time() - t0)
+
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    backbone.clear_image_cache()
+    heldout_acc = answer_token_accuracy(backbone, heldout)
+    log.info("held-out answer-token accuracy %.3f, exact match %.3f", heldout_acc["token_acc"], heldout_acc["exact_match"])
+    report = {"arch": arch.__dict__, "pretrain": train.__dict__, "heldout": heldout_acc, "history": history,
+              "train_s": time.time() - t0, "n_train_samples": len(train_samples)}
+    save_backbone(out_dir, model, tokenizer, prompt_style, arch.image_size, {"tiny": True})
+    (out_dir / "training.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return report
+
+
+def _pixel_table(backbone: Backbone, samples: list[Sample]):
+    """All pretraining images preprocessed once, looked up by path."""
+    paths = sorted({s.image for s in samples if s.image is not None})
+    pixels = backbone.load_pixels(paths)
+    index = {p: i for i, p in enumerate(paths)}
+    return lambda batch_paths: pixels[[index[p] for p in batch_paths]]
+
