@@ -1,11 +1,14 @@
 # UniKE benchmark suite. Rules live in workflow/rules; this file only loads and checks
 # the config and names the final targets.
+from pathlib import Path
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The default lives beside this file; --configfile / --config merge on top of it.
+configfile: Path(workflow.basedir) / "config.yaml"
 
 
 validate(config, "unike/schemas/config.schema.json")

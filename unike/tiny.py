@@ -52,7 +52,7 @@ class PretrainConfig:
 
 def build_tokenizer(words: list[str]):
     """A lowercase word-level tokenizer over a closed vocabulary."""
-    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
@@ -60,8 +60,8 @@ def build_tokenizer(words: list[str]):
     vocab = {tok: i for i, tok in enumerate(specials + sorted(set(words) | set(FIXED_WORDS)))}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    # Same rule as the world's vocabulary (\w+|[^\w\s]+), so every world text is covered.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+"), behavior="isolated")
+    # Whitespace() splits by \w+|[^\w\s]+, the rule the world's vocabulary is built with.
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(specials)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS, additional_special_tokens=[IMAGE_TOKEN])
 
@@ -162,8 +162,8 @@ def pretrain(world_dir: Path, out_dir: Path, arch: TinyArch, train: PretrainConf
         opt.step()
         sched.step()
         if step % 50 == 0 or step == train.steps - 1:
-            history.append({"step": step, "loss": float(loss), "lr": sched.get_last_lr()[0], "s": time.time() - t0})
-            log.info("pretrain step %d/%d loss %.4f (%.0f s)", step, train.steps, float(loss), time.time() - t0)
+            history.append({"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0], "s": time.time() - t0})
+            log.info("pretrain step %d/%d loss %.4f (%.0f s)", step, train.steps, float(loss.detach()), time.time() - t0)
 
     model.eval()
     for p in model.parameters():

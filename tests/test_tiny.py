@@ -1,0 +1,43 @@
+"""Tiny backbones: tokenizer coverage, deterministic pretraining, save/load like real weights."""
+
+import json
+
+import torch
+
+from unike.backbones import load_backbone
+from unike.data import case_samples
+from unike.tiny import PretrainConfig, TinyArch, build_tokenizer, pretrain
+from unike.world import vocabulary
+
+ARCH = dict(hidden=32, ffn=64, layers=2, heads=2, vision_hidden=32, vision_layers=1, qformer_layers=1,
+            num_query_tokens=4)
+
+
+def test_every_world_text_tokenizes_without_unknowns(world_dir, world_config):
+    tok = build_tokenizer(vocabulary(world_config))
+    texts = [t for r in json.loads((world_dir / "pretrain.json").read_text()) for t in (r["prompt"], r["answer"])]
+    for name in ("vqa_eval.json", "caption_train_edit.json"):
+        texts += [r[f] for r in json.loads((world_dir / name).read_text())
+                  for f in ("src", "alt", "rephrase", "loc", "loc_ans", "m_loc_q", "m_loc_a")]
+    texts += ["###Human: <Img>", "</Img> Question: x Short answer:"]
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    assert all(tok.unk_token_id not in row for row in ids[:-1])
+    assert tok.convert_ids_to_tokens(tok("Short answer:", add_special_tokens=False)["input_ids"]) == ["short", "answer", ":"]
+
+
+def test_pretraining_is_deterministic_and_reloads_to_identical_outputs(tmp_path, world_dir, world_config, vqa_cases):
+    train = PretrainConfig(steps=4, batch_size=8, warmup=2)
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        out.mkdir()
+        report = pretrain(world_dir, out, TinyArch(text_model="llama", **ARCH), train, "minigpt4",
+                          vocabulary(world_config))
+        outs.append(out)
+        assert 0.0 <= report["heldout"]["token_acc"] <= 1.0 and (out / "training.json").exists()
+    a, b = (load_backbone(n, o) for n, o in zip("ab", outs))
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    batch = a.encode(case_samples(vqa_cases[0]))
+    assert torch.equal(a.logits(batch), b.logits(b.encode(case_samples(vqa_cases[0]))))
+    assert a.prompt_style == "minigpt4" and a.model.config.text_config.model_type == "llama"

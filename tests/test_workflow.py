@@ -1,0 +1,73 @@
+"""The whole DAG, end to end, on the smoke configuration (a few minutes on 2 cores)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+
+
+def test_default_dry_run_lists_the_whole_grid(tmp_path):
+    from unike.config import grid_cells, load_config
+    import yaml
+
+    result = snakemake(tmp_path, "-n", "--quiet", "rules")
+    assert result.returncode == 0, result.stderr
+    n_cells = len(grid_cells(load_config(yaml.safe_load((REPO / "config.yaml").read_text()))))
+    counts = dict(line.split() for line in (result.stdout + result.stderr).splitlines()
+                  if len(line.split()) == 2 and line.split()[1].isdigit())
+    assert int(counts["edit_eval"]) == n_cells
+    assert int(counts["pretrain_backbone"]) == 2
+
+
+def test_bad_config_fails_before_the_dag_is_built(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid:\n  - {methods: [rome], backbones: [tiny-minigpt4], tasks: [e-vqa], regimes: [one-step]}\n")
+    result = snakemake(tmp_path, "-n", "--configfile", str(bad))
+    assert result.returncode != 0 and "unknown method name(s) ['rome']" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_smoke_run_end_to_end(tmp_path):
+    result = snakemake(tmp_path, "--configfile", str(SMOKE))
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "results-smoke"
+
+    con = duckdb.connect(str(out / "metrics.duckdb"), read_only=True)
+    means = dict(((m, b, t), (rel, tloc)) for m, b, t, rel, tloc in con.execute(
+        "select r.method, r.backbone, r.task, avg(e.rel), avg(e.t_loc) from edit_metrics e join runs r using (run_id)"
+        " group by all").fetchall())
+    for backbone in ("tiny-blip2-opt", "tiny-minigpt4"):
+        for task in ("e-vqa", "e-ic"):
+            assert means[("ft", backbone, task)][0] > means[("backbone", backbone, task)][0] + 0.2
+            assert means[("backbone", backbone, task)][1] == 1.0  # the unedited model agrees with itself
+
+    for name in ("index.html", "tables/table1.md", "tables/table1.html", "tables/table1.tex"):
+        assert (out / "report" / name).stat().st_size > 0
+    training = json.loads((out / "backbones" / "tiny-minigpt4" / "training.json").read_text())
+    assert training["heldout"]["token_acc"] > 0.5
+
+    # Nothing left to do, and the same config and seed give the same numbers.
+    again = snakemake(tmp_path, "--configfile", str(SMOKE), "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr
+    run = out / "runs" / "ft" / "tiny-blip2-opt" / "e-vqa" / "one-step" / "seed0.parquet"
+    first = pl.read_parquet(run).drop("edit_s")
+    shutil.copy(run, tmp_path / "first.parquet")
+    rerun = subprocess.run([sys.executable, "-m", "unike", "edit-eval", "--config", str(out / "config.effective.yaml"),
+                            "--method", "ft", "--backbone", "tiny-blip2-opt", "--task", "e-vqa", "--regime",
+                            "one-step"], cwd=tmp_path, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert pl.read_parquet(run).drop("edit_s").equals(first)
