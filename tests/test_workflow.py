@@ -47,18 +47,20 @@ def test_smoke_run_end_to_end(tmp_path):
     out = tmp_path / "results-smoke"
 
     con = duckdb.connect(str(out / "metrics.duckdb"), read_only=True)
-    means = dict(((m, b, t), (rel, tloc)) for m, b, t, rel, tloc in con.execute(
-        "select r.method, r.backbone, r.task, avg(e.rel), avg(e.t_loc) from edit_metrics e join runs r using (run_id)"
-        " group by all").fetchall())
+    means = {(m, b, t): dict(rel=rel, rel_em=em, t_loc=tloc, m_loc=mloc) for m, b, t, rel, em, tloc, mloc in con.execute(
+        "select r.method, r.backbone, r.task, avg(e.rel), avg(e.rel_em), avg(e.t_loc), avg(e.m_loc)"
+        " from edit_metrics e join runs r using (run_id) group by all").fetchall()}
     for backbone in ("tiny-blip2-opt", "tiny-minigpt4"):
         for task in ("e-vqa", "e-ic"):
-            assert means[("ft", backbone, task)][0] > means[("backbone", backbone, task)][0] + 0.2
-            assert means[("backbone", backbone, task)][1] == 1.0  # the unedited model agrees with itself
+            ft, pre = means[("ft", backbone, task)], means[("backbone", backbone, task)]
+            assert pre["rel_em"] == 0.0  # edit cases are the backbone's own mistakes
+            assert ft["rel"] > pre["rel"] + 0.1 and ft["rel_em"] > 0.3
+            assert pre["t_loc"] == pre["m_loc"] == 1.0  # the unedited model agrees with its cached predictions
 
     for name in ("index.html", "tables/table1.md", "tables/table1.html", "tables/table1.tex"):
         assert (out / "report" / name).stat().st_size > 0
     training = json.loads((out / "backbones" / "tiny-minigpt4" / "training.json").read_text())
-    assert training["heldout"]["token_acc"] > 0.5
+    assert training["heldout"]["token_acc"] > 0.4  # smoke-sized: learns the text facts, barely the images
 
     # Nothing left to do, and the same config and seed give the same numbers.
     again = snakemake(tmp_path, "--configfile", str(SMOKE), "-n")

@@ -47,6 +47,7 @@ class PretrainConfig:
     lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.01
+    text_fraction: float = 0.125  # share of each batch drawn from the (rare) text-only facts
     seed: int = 0
 
 
@@ -144,10 +145,14 @@ def pretrain(world_dir: Path, out_dir: Path, arch: TinyArch, train: PretrainConf
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / train.warmup)
                                               * 0.5 * (1 + math.cos(math.pi * min(s, train.steps) / train.steps)))
     gen = torch.Generator().manual_seed(train.seed)
+    text_idx = [i for i, s in enumerate(train_samples) if s.image is None]
+    image_idx = [i for i, s in enumerate(train_samples) if s.image is not None]
+    n_text = round(train.batch_size * train.text_fraction) if text_idx else 0
     history = []
     t0 = time.time()
     for step in range(train.steps):
-        idx = torch.randint(len(train_samples), (train.batch_size,), generator=gen).tolist()
+        idx = ([image_idx[i] for i in torch.randint(len(image_idx), (train.batch_size - n_text,), generator=gen)]
+               + [text_idx[i] for i in torch.randint(len(text_idx), (n_text,), generator=gen)])
         batch = backbone.encode([train_samples[i] for i in idx], with_eos=True)
         # Training needs gradients through the vision tower, so features are not cached here.
         batch.image_features = (model.get_image_features(pixels_of(batch.images)).pooler_output
