@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from baselines.ft import FineTune
-from unike.backbones import Backbone, Sample, load_backbone
+from unike.backbones import Backbone, Batch, Sample, load_backbone
 from unike.config import SPLIT_FILES, Layout, load_config
 from unike.data import ROWS, case_samples, edit_sample, load_cases
 from unike.harness import load_pre_edit, make_sequences, run_sequences
@@ -34,7 +34,7 @@ from unike.metrics import score_case
 RESULTS = Path(__file__).resolve().parent / "results" / "per_edit.json"
 
 
-def plain_forward(backbone: Backbone, sample: Sample) -> tuple[torch.Tensor, "Batch"]:
+def plain_forward(backbone: Backbone, sample: Sample) -> tuple[torch.Tensor, Batch]:
     batch = backbone.encode([sample])
     if sample.image is None:
         logits = backbone.model.language_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

@@ -60,14 +60,21 @@ def main() -> None:
         done.set()
         sampler.join()
         wall = time.time() - t0
-    if rc != 0:
-        raise SystemExit(f"snakemake failed with exit code {rc}")
+        if rc != 0:
+            raise SystemExit(f"snakemake failed with exit code {rc}")
+        backbones = {}
+        for training in sorted(Path(workdir).glob("results*/backbones/*/training.json")):
+            report = json.loads(training.read_text())
+            backbones[training.parent.name] = {**{k: report["heldout"][k] for k in ("token_acc", "exact_match", "by_topic")},
+                                               "train_s": report["train_s"]}
     figures = {"config": args.name, "cores": args.cores, "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20),
                "machine": f"{platform.machine()} {psutil.cpu_count()} cpus, {round(psutil.virtual_memory().total / 2**30)} GiB",
                "date": time.strftime("%Y-%m-%d")}
     out = Path(__file__).resolve().parent / "results" / f"pipeline-{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    if args.name == "default":
+        (out.parent / "tiny-backbones.json").write_text(json.dumps(backbones, indent=2, sort_keys=True) + "\n")
     print(json.dumps(figures))
 
 

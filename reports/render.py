@@ -7,7 +7,6 @@ gives byte-identical files (and clean diffs when results change).
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import duckdb
 import jinja2
 
-from reports.tables import DEFAULT_BACKBONE_MAP, METRIC_LABELS, TASK_LABELS, Table1, table1
+from reports.tables import METRIC_LABELS, TASK_LABELS, Table1, table1
 
 # Columns of the provenance table on the index page, in display order.
 PROVENANCE_COLUMNS: tuple[str, ...] = (
@@ -105,15 +104,3 @@ def render_report(db_path: Path, out_dir: Path, backbone_map: dict[str, str]) ->
         path.write_text(text, encoding="utf-8", newline="\n")
         written.append(path)
     return written
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Render the benchmark report from the results DuckDB.")
-    parser.add_argument("db", type=Path)
-    parser.add_argument("out_dir", type=Path)
-    args = parser.parse_args(argv)
-    render_report(args.db, args.out_dir, DEFAULT_BACKBONE_MAP)
-
-
-if __name__ == "__main__":
-    main()

@@ -29,13 +29,6 @@ METHOD_LABELS: dict[str, str] = {
 PAPER_BACKBONE_ORDER: tuple[str, ...] = ("blip2-opt", "minigpt4")
 PAPER_BACKBONE_LABELS: dict[str, str] = {"blip2-opt": "BLIP-2 OPT", "minigpt4": "MiniGPT-4"}
 
-# Our backbone config names -> the paper backbone they are compared against.
-DEFAULT_BACKBONE_MAP: dict[str, str] = {
-    "tiny-blip2-opt": "blip2-opt", "tiny-minigpt4": "minigpt4",
-    "blip2-opt-2.7b": "blip2-opt", "minigpt4-7b": "minigpt4",
-}
-
-
 @dataclass(frozen=True)
 class Cell:
     """One metric of one (backbone, method, task), in percent."""

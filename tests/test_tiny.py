@@ -35,6 +35,9 @@ def test_pretraining_is_deterministic_and_reloads_to_identical_outputs(tmp_path,
                           vocabulary(world_config))
         outs.append(out)
         assert 0.0 <= report["heldout"]["token_acc"] <= 1.0 and (out / "training.json").exists()
+        by_topic = report["heldout"]["by_topic"]
+        assert {"name", "diet", "habitat", "caption", "text-diet", "scene-count"} <= set(by_topic)
+        assert sum(t["n"] for t in by_topic.values()) == report["heldout"]["n"]
     a, b = (load_backbone(n, o) for n, o in zip("ab", outs))
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -22,22 +22,15 @@ from unike.world import (
 )
 from unike.world import _static_vocabulary
 
-SMALL = dict(n_creatures=8, n_changed=4, pretrain_images_per_creature=4, n_pretrain_scenes=30,
-             n_vqa_eval=6, n_caption_eval=6, n_vqa_train=10, n_caption_train=10, seed=3)
+from tests.conftest import SMALL_WORLD
+
 EDIT_FILES = ("vqa_train.json", "vqa_eval.json", "caption_train_edit.json", "caption_eval_edit.json")
 CREATURE_IMG = re.compile(r"images/(creatures|rephrase)/c(\d{3})_")
 
 
 @pytest.fixture(scope="module")
-def cfg() -> WorldConfig:
-    return WorldConfig.from_dict(SMALL)
-
-
-@pytest.fixture(scope="module")
-def world_dir(tmp_path_factory, cfg) -> Path:
-    out = tmp_path_factory.mktemp("world_a")
-    generate_world(out, cfg)
-    return out
+def cfg(world_config) -> WorldConfig:
+    return world_config  # the session's small world (tests/conftest.py)
 
 
 def load(world_dir: Path, name: str):
@@ -200,5 +193,5 @@ def test_names_unique_and_distinct_from_vocabulary(world_dir, cfg):
     signatures = {tuple(c["signature"].values()) for c in creatures}
     assert len(signatures) == len(creatures)
     # Regenerating with another seed changes the world.
-    other = vocabulary(WorldConfig.from_dict({**SMALL, "seed": 4}))
+    other = vocabulary(WorldConfig.from_dict({**SMALL_WORLD, "seed": SMALL_WORLD["seed"] + 1}))
     assert other != vocabulary(cfg)

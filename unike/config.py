@@ -15,10 +15,10 @@ from pathlib import Path
 
 import yaml
 
-TASKS = ("e-vqa", "e-ic")
+TASKS = ("e-vqa", "e-ic")  # the tasks of an edit case; a run's task may also be "cross-task"
 REGIMES_FOR_TASK = {"e-vqa": ("one-step", "seq-10", "seq-20"), "e-ic": ("one-step", "seq-10", "seq-20"),
                     "cross-task": ("cross-10",)}
-SEQUENTIAL_REGIMES = ("seq-10", "seq-20", "cross-10")
+SEQUENCE_LENGTH = {"one-step": 1, "seq-10": 10, "seq-20": 20, "cross-10": 10}
 
 
 class ConfigError(ValueError):

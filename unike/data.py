@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unike.backbones import Sample
+from unike.config import TASKS
 
 log = logging.getLogger(__name__)
 
 FIELDS = ("src", "pred", "alt", "rephrase", "image", "image_rephrase", "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a")
 IMAGE_FIELDS = ("image", "image_rephrase", "m_loc")
-TASKS = ("e-vqa", "e-ic")
 # The five inputs scored after an edit, in the order they are batched.
 ROWS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 

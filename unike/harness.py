@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from unike.backbones import Backbone, answer_predictions
+from unike.config import SEQUENCE_LENGTH
 from unike.data import ROWS, EditCase, case_samples
 from unike.editing import Editor
 from unike.metrics import score_case
 
 log = logging.getLogger(__name__)
-REGIMES = {"one-step": 1, "seq-10": 10, "seq-20": 20, "cross-10": 10}
 
 
 @torch.no_grad()
@@ -57,9 +57,9 @@ def load_pre_edit(path: Path, cases: list[EditCase]) -> dict[str, dict[str, torc
 def make_sequences(cases_by_task: dict[str, list[EditCase]], regime: str, seed: int) -> list[list[EditCase]]:
     """Deterministic edit sequences for a regime. Seq and cross regimes keep only full
     sequences; cross-task sequences hold K/2 cases of each of two tasks."""
-    if regime not in REGIMES:
-        raise ValueError(f"unknown regime {regime!r}; known: {sorted(REGIMES)}")
-    k = REGIMES[regime]
+    if regime not in SEQUENCE_LENGTH:
+        raise ValueError(f"unknown regime {regime!r}; known: {sorted(SEQUENCE_LENGTH)}")
+    k = SEQUENCE_LENGTH[regime]
     rng = random.Random(seed)
     if regime.startswith("cross"):
         if len(cases_by_task) != 2:

@@ -21,6 +21,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from unike.config import REGIMES_FOR_TASK, SEQUENCE_LENGTH, TASKS
+
 # Ordered schemas. Values are the logical types; the Parquet / DuckDB types are
 # derived from them so the three never drift apart.
 EDIT_METRIC_COLUMNS: dict[str, str] = {
@@ -58,9 +60,9 @@ RUN_COLUMNS: dict[str, str] = {
 METRIC_COLUMNS: tuple[str, ...] = (
     "rel", "t_gen", "m_gen", "t_loc", "m_loc", "rel_em", "t_gen_em", "m_gen_em",
 )
-ROW_TASKS = frozenset({"e-vqa", "e-ic"})
-RUN_TASKS = frozenset({"e-vqa", "e-ic", "cross-task"})
-REGIMES = frozenset({"one-step", "seq-10", "seq-20", "cross-10"})
+ROW_TASKS = frozenset(TASKS)
+RUN_TASKS = frozenset(REGIMES_FOR_TASK)
+REGIMES = frozenset(SEQUENCE_LENGTH)
 
 _ARROW_TYPES = {"str": pa.string(), "int64": pa.int64(), "float64": pa.float64()}
 _SQL_TYPES = {"str": "VARCHAR", "int64": "BIGINT", "float64": "DOUBLE"}

@@ -113,16 +113,23 @@ def corpus_samples(records: list[dict], world_dir: Path) -> list[Sample]:
 
 
 @torch.no_grad()
-def answer_token_accuracy(backbone: Backbone, samples: list[Sample], batch_size: int = 128) -> dict[str, float]:
-    hits = total = exact = 0
+def answer_token_accuracy(backbone: Backbone, samples: list[Sample], topics: list[str],
+                          batch_size: int = 128) -> dict:
+    """Teacher-forced answer-token accuracy and exact match, overall and per topic."""
+    per_topic: dict[str, list[int]] = {}  # topic -> [hits, tokens, exact, n]
     for i in range(0, len(samples), batch_size):
         batch = backbone.encode(samples[i : i + batch_size])
         preds = answer_predictions(backbone.logits(batch), batch)
-        for p, t in zip(preds, batch.answer_targets()):
-            hits += int((p == t).sum())
-            total += len(t)
-            exact += int(bool((p == t).all()))
-    return {"token_acc": hits / total, "exact_match": exact / len(samples), "n": len(samples)}
+        for topic, p, t in zip(topics[i : i + batch_size], preds, batch.answer_targets()):
+            acc = per_topic.setdefault(topic, [0, 0, 0, 0])
+            acc[0] += int((p == t).sum())
+            acc[1] += len(t)
+            acc[2] += int(bool((p == t).all()))
+            acc[3] += 1
+    hits, tokens, exact, n = (sum(v[k] for v in per_topic.values()) for k in range(4))
+    return {"token_acc": hits / tokens, "exact_match": exact / n, "n": n,
+            "by_topic": {k: {"token_acc": v[0] / v[1], "exact_match": v[2] / v[3], "n": v[3]}
+                         for k, v in sorted(per_topic.items())}}
 
 
 def pretrain(world_dir: Path, out_dir: Path, arch: TinyArch, train: PretrainConfig, prompt_style: str,
@@ -138,7 +145,8 @@ def pretrain(world_dir: Path, out_dir: Path, arch: TinyArch, train: PretrainConf
     model.train()
 
     train_samples = corpus_samples(json.loads((world_dir / "pretrain.json").read_text()), world_dir)
-    heldout = corpus_samples(json.loads((world_dir / "pretrain_eval.json").read_text()), world_dir)
+    heldout_records = json.loads((world_dir / "pretrain_eval.json").read_text())
+    heldout = corpus_samples(heldout_records, world_dir)
     pixels_of = _pixel_table(backbone, train_samples)
 
     opt = torch.optim.AdamW([p for p in model.parameters()], lr=train.lr, weight_decay=train.weight_decay)
@@ -174,8 +182,10 @@ def pretrain(world_dir: Path, out_dir: Path, arch: TinyArch, train: PretrainConf
     for p in model.parameters():
         p.requires_grad_(False)
     backbone.clear_image_cache()
-    heldout_acc = answer_token_accuracy(backbone, heldout)
+    heldout_acc = answer_token_accuracy(backbone, heldout, [r["topic"] for r in heldout_records])
     log.info("held-out answer-token accuracy %.3f, exact match %.3f", heldout_acc["token_acc"], heldout_acc["exact_match"])
+    for topic, acc in heldout_acc["by_topic"].items():
+        log.info("  %-14s token accuracy %.3f (n=%d)", topic, acc["token_acc"], acc["n"])
     report = {"arch": arch.__dict__, "pretrain": train.__dict__, "heldout": heldout_acc, "history": history,
               "train_s": time.time() - t0, "n_train_samples": len(train_samples)}
     save_backbone(out_dir, model, tokenizer, prompt_style, arch.image_size, {"tiny": True})

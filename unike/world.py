@@ -456,12 +456,12 @@ def sample_scene(rng: np.random.Generator) -> list[SceneObject]:
             for s, c, k in zip(shapes, colors, cells)]
 
 
-def scene_questions(objects: list[SceneObject]) -> list[tuple[str, str]]:
-    """Every answerable (question, answer) pair about a scene."""
-    qa = [(SCENE_COUNT_Q, COUNT_WORDS[len(objects) - 1])]
+def scene_questions(objects: list[SceneObject]) -> list[tuple[str, str, str]]:
+    """Every answerable (topic, question, answer) triple about a scene."""
+    qa = [("scene-count", SCENE_COUNT_Q, COUNT_WORDS[len(objects) - 1])]
     for o in objects:
-        qa.append((SCENE_COLOR_Q.format(shape=o.shape), o.color))
-        qa.append((SCENE_SHAPE_Q.format(color=o.color), o.shape))
+        qa.append(("scene-color", SCENE_COLOR_Q.format(shape=o.shape), o.color))
+        qa.append(("scene-shape", SCENE_SHAPE_Q.format(color=o.color), o.shape))
     return qa
 
 
@@ -523,8 +523,9 @@ class _ImageWriter:
         return rel, objects, rng
 
 
-def _record(kind: str, image: str | None, prompt: str, answer: str) -> dict[str, Any]:
-    return {"kind": kind, "image": image, "prompt": prompt, "answer": answer}
+def _record(kind: str, topic: str, image: str | None, prompt: str, answer: str) -> dict[str, Any]:
+    """`topic` (name, diet, habitat, caption, scene-count, ...) lets training report what it learned."""
+    return {"kind": kind, "topic": topic, "image": image, "prompt": prompt, "answer": answer}
 
 
 def _pretrain_corpus(creatures: list[Creature], writer: _ImageWriter, purpose: str,
@@ -534,22 +535,22 @@ def _pretrain_corpus(creatures: list[Creature], writer: _ImageWriter, purpose: s
     for c in creatures:
         for j in range(images_per_creature):
             image = writer.creature(c, purpose, rerender=j % 2 == 1)  # mix both styles
-            records += [_record("vqa", image, t, c.name) for t in NAME_TEMPLATES]
+            records += [_record("vqa", "name", image, t, c.name) for t in NAME_TEMPLATES]
             for fact in FACTS:
                 for t in SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact]:
-                    records.append(_record("vqa", image, t, c.old(fact)))
+                    records.append(_record("vqa", fact, image, t, c.old(fact)))
             for t in CAPTION_SRC_TEMPLATES + CAPTION_REPHRASE_TEMPLATES:
-                records.append(_record("caption", image, t, c.caption()))
+                records.append(_record("caption", "caption", image, t, c.caption()))
     for c in creatures:
         for fact in FACTS:
             for t in TEXT_TEMPLATES[fact]:
-                records.append(_record("text", None, t.format(name=c.name), c.old(fact)))
+                records.append(_record("text", f"text-{fact}", None, t.format(name=c.name), c.old(fact)))
     for _ in range(n_scenes):
         image, objects, rng = writer.scene(purpose)
         qa = scene_questions(objects)
         n_q = min(len(qa), int(rng.integers(2, 4)))
         for i in sorted(int(i) for i in rng.permutation(len(qa))[:n_q]):
-            records.append(_record("vqa", image, *qa[i]))
+            records.append(_record("vqa", qa[i][0], image, *qa[i][1:]))
     return records
 
 
@@ -562,7 +563,7 @@ def _locality(rng: np.random.Generator, unchanged: list[Creature], writer: _Imag
     loc = templates[int(rng.integers(len(templates)))].format(name=other.name)
     scene, objects, _ = writer.scene(purpose)
     qa = scene_questions(objects)
-    m_q, m_a = qa[int(rng.integers(len(qa)))]
+    _, m_q, m_a = qa[int(rng.integers(len(qa)))]
     return {"loc": loc, "loc_ans": other.old(fact), "m_loc": scene, "m_loc_q": m_q, "m_loc_a": m_a}
 
 
