@@ -27,8 +27,8 @@ class FTHparams:
 class FineTune(Editor):
     Hparams = FTHparams
 
-    def __init__(self, backbone, hparams=None, artifacts=None):
-        super().__init__(backbone, hparams, artifacts)
+    def __init__(self, backbone, hparams=None, prepared=None):
+        super().__init__(backbone, hparams, prepared)
         self.layer = len(backbone.text) - 1
         self.params = backbone.text.ffn_parameters(self.layer)
         self.snapshot = ParamSnapshot(self.params)

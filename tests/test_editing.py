@@ -107,3 +107,30 @@ def test_registry_finds_editors_by_import_path_and_rejects_bad_specs(backbone):
 def test_eval_batch_rows_are_in_rows_order(vqa_cases):
     samples = case_samples(vqa_cases[0])
     assert len(samples) == len(ROWS) and samples[3].image is None
+
+
+def test_trained_editor_needs_its_prepared_folder(backbone, vqa_cases, tmp_path):
+    from dataclasses import dataclass
+
+    from unike.editing import Editor
+
+    @dataclass(frozen=True)
+    class Hp:
+        scale: float = 1.0
+
+    class Memorizer(NoEdit):
+        needs_training = True
+        Hparams = Hp
+
+        @classmethod
+        def prepare(cls, backbone, hparams, train_cases, out_dir, seed):
+            (out_dir / "seen.txt").write_text("\n".join(c.case_id for c in train_cases))
+            return {"n": len(train_cases), "scale": hparams.scale}
+
+    with pytest.raises(ValueError, match="needs the folder written by its `prepare` step"):
+        Memorizer(backbone)
+    summary = Memorizer.prepare(backbone, Hp(2.0), vqa_cases, tmp_path, 0)
+    assert summary == {"n": len(vqa_cases), "scale": 2.0}
+    assert Memorizer(backbone, prepared=tmp_path).prepared == tmp_path
+    with pytest.raises(NotImplementedError):
+        Editor.prepare(backbone, None, [], tmp_path, 0)

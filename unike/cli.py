@@ -109,6 +109,39 @@ def _eval_cases(config: dict, layout: Layout, backbone: str, task: str):
                       skip_bad=config["data"].get("skip_bad_records", False), limit=limit)
 
 
+def _train_cases(config: dict, layout: Layout, backbone: str, task: str):
+    from unike.data import load_cases
+
+    tasks = ("e-vqa", "e-ic") if task == "cross-task" else (task,)
+    return [case for t in tasks for case in load_cases(
+        layout.annotations(backbone) / SPLIT_FILES[(t, "train")], t, layout.image_root,
+        skip_bad=config["data"].get("skip_bad_records", False))]
+
+
+def cmd_prepare_editor(args) -> None:
+    """Train what a method needs (once per backbone and task) on the train split."""
+    config, layout = _setup(args)
+    _torch_setup(config)
+    from unike.editing import parse_hparams, resolve_editor
+
+    method = config["methods"][args.method]
+    cls = resolve_editor(method["editor"])
+    if not cls.needs_training:
+        raise SystemExit(f"{args.method} ({method['editor']}) needs no preparation")
+    backbone = _load_backbone(config, layout, args.backbone)
+    cases = _train_cases(config, layout, args.backbone, args.task)
+    out_dir = layout.prepared(args.method, args.backbone, args.task)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    summary = cls.prepare(backbone, parse_hparams(cls.Hparams, method.get("hparams", {}), args.method), cases,
+                          out_dir, config["seed"])
+    record = {"method": args.method, "backbone": args.backbone, "task": args.task, "n_train_cases": len(cases),
+              "prepare_s": time.time() - t0, "hparams": method.get("hparams", {}), "summary": summary}
+    # Written last: its presence tells Snakemake the folder is complete.
+    (out_dir / "prepared.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    log.info("%s prepared for %s/%s in %.1f s", args.method, args.backbone, args.task, record["prepare_s"])
+
+
 def cmd_cache_pre_edit(args) -> None:
     config, layout = _setup(args)
     _torch_setup(config)
@@ -144,7 +177,7 @@ def _device_string(config: dict) -> str:
 def cmd_edit_eval(args) -> None:
     config, layout = _setup(args)
     torch = _torch_setup(config)
-    from unike.editing import create_editor
+    from unike.editing import create_editor, resolve_editor
     from unike.harness import load_pre_edit, make_sequences, run_sequences
     from unike.metrics import METRIC_VERSION
     from unike.store import write_run
@@ -157,8 +190,9 @@ def cmd_edit_eval(args) -> None:
     for task in tasks:
         cases_by_task[task] = _eval_cases(config, layout, cell.backbone, task)
         pre_edit.update(load_pre_edit(layout.pre_edit(cell.backbone, task), cases_by_task[task]))
-    artifacts = dict(a.split("=", 1) for a in args.artifact)
-    editor = create_editor(config["methods"][cell.method], backbone, {k: Path(v) for k, v in artifacts.items()})
+    method = config["methods"][cell.method]
+    prepared = layout.prepared(cell.method, cell.backbone, cell.task)
+    editor = create_editor(method, backbone, prepared if resolve_editor(method["editor"]).needs_training else None)
     sequences = make_sequences(cases_by_task, cell.regime, config["seed"])
     log.info("%s: %d sequences, %d edits", cell, len(sequences), sum(map(len, sequences)))
     rows = run_sequences(editor, sequences, pre_edit)
@@ -215,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     step("pretrain-backbone", cmd_pretrain_backbone, "backbone")
     step("mine-edits", cmd_mine_edits, "backbone")
     step("cache-pre-edit", cmd_cache_pre_edit, "backbone", "task")
-    p = step("edit-eval", cmd_edit_eval, "method", "backbone", "task", "regime")
-    p.add_argument("--artifact", action="append", default=[], help="NAME=PATH of a prepared editor artifact")
+    step("prepare-editor", cmd_prepare_editor, "method", "backbone", "task")
+    step("edit-eval", cmd_edit_eval, "method", "backbone", "task", "regime")
     step("aggregate", cmd_aggregate).add_argument("runs", nargs="*", help="run Parquet files")
     step("report", cmd_report)
     return parser

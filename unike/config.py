@@ -118,6 +118,10 @@ class Layout:
     def pre_edit(self, backbone: str, task: str) -> Path:
         return self.out / "pre_edit" / backbone / f"{task}.json"
 
+    def prepared(self, method: str, backbone: str, task: str) -> Path:
+        """Folder of what a trained method prepared once per backbone and task."""
+        return self.out / "editors" / method / backbone / task
+
     def run_stem(self, cell: Cell) -> Path:
         return self.out / "runs" / cell.method / cell.backbone / cell.task / cell.regime / f"seed{self.config['seed']}"
 

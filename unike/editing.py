@@ -29,14 +29,23 @@ class NoHparams:
 
 
 class Editor:
-    needs_training: ClassVar[bool] = False
+    needs_training: ClassVar[bool] = False  # True: `prepare` runs once per (backbone, task) before editing
     supports_sequential: ClassVar[bool] = True
     Hparams: ClassVar[type] = NoHparams
 
-    def __init__(self, backbone: Backbone, hparams: dict | None = None, artifacts: dict[str, Path] | None = None):
+    def __init__(self, backbone: Backbone, hparams: dict | None = None, prepared: Path | None = None):
         self.backbone = backbone
         self.hparams = parse_hparams(self.Hparams, hparams or {}, type(self).__name__)
-        self.artifacts = artifacts or {}
+        if self.needs_training and prepared is None:
+            raise ValueError(f"{type(self).__name__} needs the folder written by its `prepare` step")
+        self.prepared = prepared
+
+    @classmethod
+    def prepare(cls, backbone: Backbone, hparams, train_cases: list[EditCase], out_dir: Path, seed: int) -> dict:
+        """Train what the method needs (hypernetwork, classifier, demo bank) on the train
+        split, write it under `out_dir`, and return a summary (losses, timings) to record.
+        `hparams` is the parsed `Hparams` instance."""
+        raise NotImplementedError(f"{cls.__name__} needs no preparation")
 
     def edit(self, case: EditCase) -> None:
         """Apply one edit on top of the edits already applied."""
@@ -100,5 +109,5 @@ def resolve_editor(spec: str) -> type[Editor]:
     return cls
 
 
-def create_editor(method_cfg: dict, backbone: Backbone, artifacts: dict[str, Path] | None = None) -> Editor:
-    return resolve_editor(method_cfg["editor"])(backbone, method_cfg.get("hparams", {}), artifacts)
+def create_editor(method_cfg: dict, backbone: Backbone, prepared: Path | None = None) -> Editor:
+    return resolve_editor(method_cfg["editor"])(backbone, method_cfg.get("hparams", {}), prepared)

@@ -1,6 +1,8 @@
+import functools
 import re
-import yaml
 from pathlib import Path
+
+import yaml
 
 OUT = config["out_dir"]
 THREADS = config["threads"]
@@ -34,3 +36,11 @@ UNIKE = f"python -m unike {{step}} --config {EFFECTIVE_CONFIG}"
 
 def unike(step):
     return UNIKE.format(step=step)
+
+
+@functools.cache
+def needs_training(method):
+    """The editor class's capability flag (imports the method's module once)."""
+    from unike.editing import resolve_editor
+
+    return resolve_editor(config["methods"][method]["editor"]).needs_training

@@ -36,11 +36,40 @@ def eval_splits(wildcards):
     return [str(LAYOUT.annotations(wildcards.backbone) / SPLIT_FILES[(t, "eval")]) for t in _tasks(wildcards)]
 
 
+def train_splits(wildcards):
+    return [str(LAYOUT.annotations(wildcards.backbone) / SPLIT_FILES[(t, "train")]) for t in _tasks(wildcards)]
+
+
+rule prepare_editor:
+    input:
+        backbone=backbone_ready,
+        splits=train_splits,
+    output:
+        f"{OUT}/editors/{{method}}/{{backbone}}/{{task}}/prepared.json",
+    log:
+        f"{OUT}/logs/prepare_editor/{{method}}/{{backbone}}/{{task}}.log",
+    threads: THREADS
+    resources:
+        mem_mb=6000,
+        runtime=240,
+        gpu=1 if ON_GPU else 0,
+    shell:
+        unike("prepare-editor")
+        + " --method {wildcards.method} --backbone {wildcards.backbone} --task {wildcards.task} > {log} 2>&1"
+
+
+def prepared_editor(wildcards):
+    if not needs_training(wildcards.method):
+        return []
+    return [str(LAYOUT.prepared(wildcards.method, wildcards.backbone, wildcards.task) / "prepared.json")]
+
+
 rule edit_eval:
     input:
         backbone=backbone_ready,
         pre_edit=pre_edit_files,
         splits=eval_splits,
+        prepared=prepared_editor,
     output:
         parquet=f"{OUT}/runs/{{method}}/{{backbone}}/{{task}}/{{regime}}/seed{{seed}}.parquet",
         provenance=f"{OUT}/runs/{{method}}/{{backbone}}/{{task}}/{{regime}}/seed{{seed}}.json",
