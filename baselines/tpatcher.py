@@ -1,0 +1,107 @@
+"""T-Patcher (Huang et al. 2023): extra FFN neurons in the last layer, trained per edit.
+
+As the authors' code runs it: one neuron per wrongly predicted answer token (at most
+`max_neurons`); only mistakes are edited; key k = q / |q|^2 (q = the FFN input at the
+position that predicts the wrong token), bias 0, so the neuron starts with pre-activation 1
+there. Loss = label-smoothed NLL of the edit + activation loss (fire on your own token) +
+memory loss (stay silent on a memory of FFN inputs cached from the train split; each
+edit's own inputs join the memory, so later patches do not fire on earlier edits). Adam
+with weight decay; training stops once the edit is right. Patches accumulate over
+sequential edits; restore removes them all.
+
+`prepare` caches the memory: the patched layer's FFN inputs of every token of every
+scored input of the train split (subsampled to `memory_size`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from unike.data import EditCase, case_samples, edit_sample
+from unike.editing import Editor
+from unike.neurons import (FFNPatcher, KeyValueNeurons, activation_loss, ffn_inputs, key_init, memory_loss,
+                           own_activation)
+
+
+@dataclass(frozen=True)
+class TPatcherHparams:
+    layer: int = -1  # patched LM layer; negative counts from the top
+    max_neurons: int = 5
+    lr: float = 1e-2
+    weight_decay: float = 0.01
+    max_steps: int = 1000  # the authors allow up to 2000; training stops once the edit is right
+    label_smoothing: float = 0.1
+    activation_weight: float = 1.0
+    memory_weight: float = 5.0
+    memory_top_k: int = 1000
+    memory_size: int = 40000
+
+
+def _layer(backbone, hparams) -> int:
+    return hparams.layer % len(backbone.text)
+
+
+def _token_inputs(backbone, samples, layer) -> torch.Tensor:
+    """FFN inputs of every real token (no padding) of the samples, one row per token."""
+    batch = backbone.encode(samples)
+    x = ffn_inputs(backbone, batch, [layer])[layer]
+    return x[batch.attention_mask.bool()]
+
+
+class TPatcher(Editor):
+    needs_training = True
+    Hparams = TPatcherHparams
+
+    @classmethod
+    def prepare(cls, backbone, hparams, train_cases, out_dir, seed):
+        layer = _layer(backbone, hparams)
+        memory = torch.cat([_token_inputs(backbone, case_samples(c), layer) for c in train_cases])
+        if memory.shape[0] > hparams.memory_size:
+            keep = torch.randperm(memory.shape[0], generator=torch.Generator().manual_seed(seed))[: hparams.memory_size]
+            memory = memory[keep.sort().values]
+        save_file({"memory": memory.contiguous()}, str(out_dir / "memory.safetensors"))
+        return {"layer": layer, "memory_tokens": memory.shape[0]}
+
+    def __init__(self, backbone, hparams=None, prepared=None):
+        super().__init__(backbone, hparams, prepared)
+        self.layer = _layer(backbone, self.hparams)
+        self.base_memory = load_file(str(prepared / "memory.safetensors"))["memory"].to(backbone.device)
+        self.memory = self.base_memory
+        self.patcher = FFNPatcher(backbone)
+
+    def edit(self, case: EditCase) -> None:
+        h, backbone = self.hparams, self.backbone
+        batch = backbone.encode([edit_sample(case)])
+        prefix = backbone.prefix(batch, self.layer)
+        target, mask = batch.input_ids[0, 1:], batch.answer_mask[0, 1:]
+        with torch.no_grad():
+            wrong = mask & (backbone.logits_from(prefix)[0, :-1].argmax(-1) != target)
+        positions = wrong.nonzero().flatten()[: h.max_neurons]
+        edit_inputs = ffn_inputs(backbone, batch, [self.layer])[self.layer][0]
+        if len(positions):  # only mistakes are edited
+            own = edit_inputs[positions]
+            neurons = KeyValueNeurons(key_init(own))
+            self.patcher.add(self.layer, neurons)
+            opt = torch.optim.Adam(neurons.parameters(), lr=h.lr, weight_decay=h.weight_decay)
+            for _ in range(h.max_steps):
+                logits = backbone.logits_from(prefix)[0, :-1]
+                if bool((logits.argmax(-1)[mask] == target[mask]).all()):
+                    break
+                s_own = own_activation(neurons, own, one_per_token=True)
+                loss = (torch.nn.functional.cross_entropy(logits[mask], target[mask], label_smoothing=h.label_smoothing)
+                        + h.activation_weight * activation_loss(s_own)
+                        + h.memory_weight * memory_loss(neurons, s_own, self.memory, h.memory_top_k))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            for p in neurons.parameters():
+                p.requires_grad_(False)
+        # Later patches must stay silent on this edit's inputs too.
+        self.memory = torch.cat([self.memory, edit_inputs[batch.attention_mask[0].bool()]])
+
+    def restore(self) -> None:
+        self.patcher.clear()
+        self.memory = self.base_memory

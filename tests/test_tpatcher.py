@@ -1,0 +1,50 @@
+"""T-Patcher and the shared key-value neurons, on untrained tiny backbones."""
+
+import torch
+
+from baselines.tpatcher import TPatcher, TPatcherHparams
+from unike.data import case_samples, edit_sample
+from unike.neurons import FFNPatcher, KeyValueNeurons, ffn_inputs, key_init
+
+
+def _logits(backbone, case):
+    return backbone.logits(backbone.encode(case_samples(case)))
+
+
+def test_neurons_with_zero_values_change_nothing(backbone, vqa_cases):
+    before = _logits(backbone, vqa_cases[0])
+    patcher = FFNPatcher(backbone)
+    d = backbone.model.config.text_config.hidden_size
+    patcher.add(len(backbone.text) - 1, KeyValueNeurons(torch.randn(3, d)))  # values start at zero
+    assert torch.equal(_logits(backbone, vqa_cases[0]), before)
+    patcher.clear()
+
+
+def test_key_init_fires_exactly_on_its_token(backbone, vqa_cases):
+    batch = backbone.encode([edit_sample(vqa_cases[0])])
+    x = ffn_inputs(backbone, batch, [0])[0][0]
+    neurons = KeyValueNeurons(key_init(x[-3:]))
+    torch.testing.assert_close(neurons.pre_activation(x[-3:]).diagonal(), torch.ones(3))
+
+
+def test_tpatcher_fixes_the_edit_keeps_memory_silent_and_restores_exactly(backbone, vqa_cases, tmp_path):
+    hp = TPatcherHparams(max_steps=300)
+    TPatcher.prepare(backbone, hp, vqa_cases[2:], tmp_path, seed=0)
+    weights = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    untouched = _logits(backbone, vqa_cases[3])
+    editor = TPatcher(backbone, {"max_steps": 300}, tmp_path)
+    case = vqa_cases[0]
+    (pred,), (target,) = editor.predict([edit_sample(case)])
+    assert not torch.equal(pred, target)
+    editor.edit(case)
+    (pred,), (target,) = editor.predict([edit_sample(case)])
+    assert torch.equal(pred, target)
+    assert len(editor.patcher.neurons[len(backbone.text) - 1]) == 1
+    # The memory grew by the edit's own inputs, so a second patch must not fire there.
+    assert editor.memory.shape[0] > editor.base_memory.shape[0]
+    editor.edit(vqa_cases[1])
+    assert len(editor.patcher.neurons[len(backbone.text) - 1]) == 2  # patches accumulate
+    editor.restore()
+    assert not editor.patcher.neurons and torch.equal(editor.memory, editor.base_memory)
+    assert all(torch.equal(weights[k], v) for k, v in backbone.model.state_dict().items())
+    assert torch.equal(_logits(backbone, vqa_cases[3]), untouched)

@@ -1,0 +1,124 @@
+"""Extra key-value neurons in a decoder layer's FFN, and their training losses.
+
+Used by T-Patcher (a baseline) and by UniKE's intrinsic knowledge editing. A neuron set adds
+`relu(x . k_i + b_i) * v_i` to the FFN output of its layer, where x is the FFN input (the
+residual stream after the layer's FFN norm). The original weights are never touched:
+neurons live in hooks, so removing them restores the model bit-exactly.
+
+The extra neurons use ReLU on both architectures. For LLaMA this deviates from appending
+rows to gate/up and columns to down: SiLU is not zero for negative inputs (silu(-3) =
+-0.14), so T-Patcher's memory loss, which pushes pre-activations on unrelated inputs
+below -3, would not silence a SwiGLU neuron; with ReLU it does, exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from unike.backbones import Backbone, Batch
+
+
+class KeyValueNeurons(nn.Module):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor | None = None):
+        super().__init__()
+        n, d = keys.shape
+        self.keys = nn.Parameter(keys.clone())
+        self.bias = nn.Parameter(torch.zeros(n, dtype=keys.dtype, device=keys.device))
+        self.values = nn.Parameter(torch.zeros(n, d, dtype=keys.dtype, device=keys.device) if values is None
+                                   else values.clone())
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.keys.T + self.bias
+
+    def value_vectors(self) -> torch.Tensor:
+        """The vectors written into the residual stream; UniKE regulates them."""
+        return self.values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.pre_activation(x)) @ self.value_vectors()
+
+
+def key_init(ffn_inputs: torch.Tensor) -> torch.Tensor:
+    """T-Patcher's key initialisation: k = q / |q|^2, so the pre-activation on q is 1."""
+    return ffn_inputs / ffn_inputs.pow(2).sum(-1, keepdim=True)
+
+
+class FFNPatcher:
+    """Attaches neuron sets to FFNs of a backbone through hooks; `clear` removes them all."""
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        self.neurons: dict[int, list[KeyValueNeurons]] = {}
+        self._handles: list = []
+        self._stash: dict[int, torch.Tensor] = {}
+
+    def _ffn_io(self, layer: int) -> tuple[nn.Module, nn.Module]:
+        block = self.backbone.text.layers[layer]
+        return (block.fc1, block.fc2) if self.backbone.text.kind == "opt" else (block.mlp, block.mlp)
+
+    def add(self, layer: int, neurons: KeyValueNeurons) -> None:
+        if layer not in self.neurons:
+            self.neurons[layer] = []
+            first, last = self._ffn_io(layer)
+
+            def stash(_module, args, layer=layer):
+                self._stash[layer] = args[0]
+
+            def add_patch(_module, _args, output, layer=layer):
+                x = self._stash.pop(layer)
+                return output + sum(n(x) for n in self.neurons[layer])
+
+            self._handles += [first.register_forward_pre_hook(stash), last.register_forward_hook(add_patch)]
+        self.neurons[layer].append(neurons)
+
+    def clear(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self.neurons, self._stash = [], {}, {}
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for ns in self.neurons.values() for n in ns for p in n.parameters()]
+
+
+@torch.no_grad()
+def ffn_inputs(backbone: Backbone, batch: Batch, layers: list[int]) -> dict[int, torch.Tensor]:
+    """FFN inputs (B, T, d) of the given layers for one batch."""
+    captured = {}
+    handles = []
+    for layer in layers:
+        block = backbone.text.layers[layer]
+        module = block.fc1 if backbone.text.kind == "opt" else block.mlp
+        handles.append(module.register_forward_pre_hook(
+            lambda _m, args, layer=layer: captured.__setitem__(layer, args[0])))
+    try:
+        backbone.logits(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    b, t = batch.input_ids.shape
+    return {layer: x.reshape(b, t, -1) for layer, x in captured.items()}
+
+
+def own_activation(neurons: KeyValueNeurons, own_inputs: torch.Tensor, one_per_token: bool) -> torch.Tensor:
+    """Each neuron's pre-activation on the edit: on its own token (T-Patcher: one neuron per
+    wrong token, `own_inputs` row i belongs to neuron i), or its weakest over all the edit's
+    tokens (a neuron set that serves the whole edit)."""
+    s = neurons.pre_activation(own_inputs)  # (n_tokens, n_neurons)
+    return s.diagonal() if one_per_token else s.min(0).values
+
+
+def activation_loss(s_own: torch.Tensor) -> torch.Tensor:
+    """T-Patcher's activation loss: fire on the edit (push its pre-activation up)."""
+    return torch.exp(-s_own).mean()
+
+
+def memory_loss(neurons: KeyValueNeurons, s_own: torch.Tensor, memory: torch.Tensor, top_k: int = 1000,
+                margin: float = 3.0) -> torch.Tensor:
+    """T-Patcher's memory loss: on unrelated FFN inputs the neurons stay `margin` below
+    their activation on the edit, and below -`margin` outright (top-k hardest inputs)."""
+    if memory.numel() == 0:
+        return s_own.new_zeros(())
+    a_mem = neurons.pre_activation(memory)  # (n_memory, n_neurons)
+    top = a_mem.topk(min(top_k, a_mem.shape[0]), dim=0).values
+    return torch.exp(top - s_own + margin).mean() + torch.exp(top + margin).mean()
