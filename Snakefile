@@ -13,6 +13,12 @@ configfile: Path(workflow.basedir) / "config.yaml"
 
 validate(config, "unike/schemas/config.schema.json")
 
+# config.yaml's tiny backbones merge into every --configfile; a real-data config cannot use
+# them (tiny backbones need the tiny world), so those its grid does not name are dropped.
+if config["data"]["source"] == "mmedit":
+    _named = {b for cell in config["grid"] for b in cell["backbones"]}
+    config["backbones"] = {n: b for n, b in config["backbones"].items() if b["source"] != "tiny" or n in _named}
+
 from unike.config import Layout, grid_cells, validate as validate_config
 
 validate_config(config)
@@ -23,6 +29,7 @@ CELLS = grid_cells(config)
 include: "workflow/rules/common.smk"
 include: "workflow/rules/world.smk"
 include: "workflow/rules/backbones.smk"
+include: "workflow/rules/knowledge.smk"
 include: "workflow/rules/edit.smk"
 include: "workflow/rules/report.smk"
 
@@ -30,3 +37,14 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         LAYOUT.report / "index.html",
+        # UniKE's per-backbone knowledge (its editor will consume it; built and checked now).
+        [f"{OUT}/knowledge/{b}/encoders.json" for b in sorted({c.backbone for c in CELLS})] if "knowledge" in config else [],
+
+
+onstart:
+    # A real run (not -n) first checks the inputs from outside the DAG (real weights, MMEdit)
+    # and fails in seconds, naming each missing path and where to get it.
+    from unike.config import format_missing, missing_paths
+
+    if missing_paths(config):
+        raise SystemExit(format_missing(missing_paths(config)))

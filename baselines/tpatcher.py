@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
-from unike.data import EditCase, case_samples, edit_sample
+from unike.data import EditCase, edit_sample
 from unike.editing import Editor
-from unike.neurons import (FFNPatcher, KeyValueNeurons, activation_loss, ffn_inputs, key_init, memory_loss,
-                           own_activation)
+from unike.neurons import (FFNPatcher, KeyValueNeurons, activation_loss, ffn_input_memory, ffn_inputs, key_init,
+                           memory_loss, own_activation)
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,6 @@ def _layer(backbone, hparams) -> int:
     return hparams.layer % len(backbone.text)
 
 
-def _token_inputs(backbone, samples, layer) -> torch.Tensor:
-    """FFN inputs of every real token (no padding) of the samples, one row per token."""
-    batch = backbone.encode(samples)
-    x = ffn_inputs(backbone, batch, [layer])[layer]
-    return x[batch.attention_mask.bool()]
-
-
 class TPatcher(Editor):
     needs_training = True
     Hparams = TPatcherHparams
@@ -58,11 +51,8 @@ class TPatcher(Editor):
     @classmethod
     def prepare(cls, backbone, hparams, train_cases, out_dir, seed):
         layer = _layer(backbone, hparams)
-        memory = torch.cat([_token_inputs(backbone, case_samples(c), layer) for c in train_cases])
-        if memory.shape[0] > hparams.memory_size:
-            keep = torch.randperm(memory.shape[0], generator=torch.Generator().manual_seed(seed))[: hparams.memory_size]
-            memory = memory[keep.sort().values]
-        save_file({"memory": memory.contiguous()}, str(out_dir / "memory.safetensors"))
+        memory = ffn_input_memory(backbone, train_cases, [layer], hparams.memory_size, seed)[layer]
+        save_file({"memory": memory}, str(out_dir / "memory.safetensors"))
         return {"layer": layer, "memory_tokens": memory.shape[0]}
 
     def __init__(self, backbone, hparams=None, prepared=None):

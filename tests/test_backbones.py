@@ -81,3 +81,10 @@ def test_answer_predictions_align_with_targets(backbone, vqa_cases):
     preds = answer_predictions(backbone.logits(batch), batch)
     for p, t in zip(preds, batch.answer_targets()):
         assert p.shape == t.shape and len(t) > 0
+
+
+def test_batched_greedy_equals_one_at_a_time(backbone, vqa_cases, caption_cases):
+    samples = [case_samples(c)[i] for c in vqa_cases[:3] + caption_cases[:2] for i in (0, 3, 4)]
+    together = backbone.greedy(samples, max_new_tokens=4)
+    assert together == [backbone.greedy([s], max_new_tokens=4)[0] for s in samples]
+    assert all(isinstance(a, str) for a in together)

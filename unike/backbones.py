@@ -14,6 +14,8 @@ Image features come from a cache keyed by path, because no method edits the visi
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,6 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+log = logging.getLogger(__name__)
 PromptStyle = Literal["blip2", "minigpt4"]
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -180,6 +183,9 @@ class Backbone:
 
     # ---------------------------------------------------------------- images
     def load_pixels(self, paths: list[Path]) -> torch.Tensor:
+        """BLIP-2's eval preprocessing (LAVIS `BlipImageEvalProcessor`, also EasyEdit's):
+        RGB, bicubic resize of the whole image to `image_size` x `image_size` (no crop),
+        scale to [0, 1], normalise with the CLIP mean and std."""
         mean = np.array(CLIP_MEAN, dtype=np.float32)
         std = np.array(CLIP_STD, dtype=np.float32)
         arrays = []
@@ -191,9 +197,13 @@ class Backbone:
 
     @torch.no_grad()
     def image_features(self, paths: list[Path]) -> torch.Tensor:
+        """Projected Q-Former outputs, (len(paths), num_query_tokens, text hidden), cached
+        by path. At an `image_size` other than the vision tower's native one (EasyEdit's
+        364 on a 224 model) the ViT position embeddings are interpolated (bicubic)."""
         missing = list(dict.fromkeys(p for p in paths if p not in self._feature_cache))
         if missing:
-            pixels = self.load_pixels(missing).to(self.device, self.model.dtype)
+            vision_dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
+            pixels = self.load_pixels(missing).to(self.device, vision_dtype)
             interpolate = self.image_size != self.model.config.vision_config.image_size
             feats = self.model.get_image_features(pixels, interpolate_pos_encoding=interpolate).pooler_output
             self._feature_cache.update(zip(missing, feats))
@@ -251,24 +261,38 @@ class Backbone:
 
     @torch.no_grad()
     def greedy(self, samples: list[Sample], max_new_tokens: int = 12) -> list[str]:
-        """Greedy answers to the samples' prompts (their `answer` is ignored)."""
+        """Greedy answers to the samples' prompts (their `answer` is ignored). Prompts of
+        equal token length (and image presence) are decoded together, without padding."""
         eos = self.tokenizer.eos_token_id
-        out = []
+        prompts = []
         for sample in samples:
             ids, start = self.sample_ids(Sample(sample.image, sample.prompt, "x"))
-            ids = ids[:start]
-            feats = self.image_features([sample.image]) if sample.image is not None else None
-            new: list[int] = []
+            prompts.append(ids[:start])
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for i, (ids, sample) in enumerate(zip(prompts, samples)):
+            groups.setdefault((len(ids), sample.image is not None), []).append(i)
+        answers: list[str] = [""] * len(samples)
+        for (_, has_image), members in groups.items():
+            ids = torch.tensor([prompts[i] for i in members], device=self.device)
+            images = [samples[i].image for i in members] if has_image else []
+            feats = self.image_features(images) if has_image else None
+            done = torch.zeros(len(members), dtype=torch.bool, device=self.device)
+            new = []
             for _ in range(max_new_tokens):
-                t = torch.tensor([ids + new], device=self.device)
-                batch = Batch(t, torch.ones_like(t), torch.zeros_like(t, dtype=torch.bool),
-                              [0] if feats is not None else [], [sample.image] if feats is not None else [], feats)
-                nxt = int(self.logits(batch)[0, -1].argmax())
-                if nxt == eos:
-                    break
+                batch = Batch(ids, torch.ones_like(ids), torch.zeros_like(ids, dtype=torch.bool),
+                              list(range(len(members))) if has_image else [], images, feats)
+                nxt = self.logits(batch)[:, -1].argmax(-1)
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
                 new.append(nxt)
-            out.append(self.tokenizer.decode(new, skip_special_tokens=True).strip())
-        return out
+                done |= nxt == eos
+                if bool(done.all()):
+                    break
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+            tokens = torch.stack(new, dim=1).tolist()
+            for i, row in zip(members, tokens):
+                row = row[: row.index(eos)] if eos in row else row
+                answers[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+        return answers
 
 
 def answer_predictions(logits: torch.Tensor, batch: Batch) -> list[torch.Tensor]:
@@ -278,23 +302,115 @@ def answer_predictions(logits: torch.Tensor, batch: Batch) -> list[torch.Tensor]
     return [pred[i][mask[i]] for i in range(len(batch))]
 
 
-def load_backbone(name: str, path: Path, device: str = "cpu", dtype: str = "float32") -> Backbone:
-    """Load a backbone directory written by `save_backbone` (tiny) or prepared from real weights."""
+BACKBONE_META = "unike_backbone.json"
+# The prompt wrapper each text model is paired with in the paper (used when neither the
+# config nor unike_backbone.json names one: an untouched Hugging Face BLIP-2 OPT folder).
+PROMPT_STYLE_OF_TEXT_MODEL: dict[str, PromptStyle] = {"opt": "blip2", "llama": "minigpt4"}
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+def backbone_settings(path: Path, model_config, entry: dict | None = None) -> dict:
+    """Prompt style and image size of a backbone directory.
+
+    Sources, strongest first: the config's backbone entry (`prompt_style`, `image_size`),
+    the directory's `unike_backbone.json` (written by `save_backbone`: tiny backbones and
+    the converted MiniGPT-4), then what the model itself says (text model type, native
+    vision resolution). A prompt style that contradicts unike_backbone.json is an error.
+    """
+    path = Path(path)
+    entry = entry or {}
+    meta_path = path / BACKBONE_META
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    text_type = model_config.text_config.model_type
+    if entry.get("prompt_style") and meta.get("prompt_style") and entry["prompt_style"] != meta["prompt_style"]:
+        raise ValueError(f"{path}: the config asks for prompt style {entry['prompt_style']!r} but "
+                         f"{meta_path} says {meta['prompt_style']!r}")
+    style = entry.get("prompt_style") or meta.get("prompt_style") or PROMPT_STYLE_OF_TEXT_MODEL.get(text_type)
+    if style not in PROMPT_STYLE_OF_TEXT_MODEL.values():
+        raise ValueError(f"{path}: no prompt style for text model {text_type!r}; set prompt_style in the config")
+    native = model_config.vision_config.image_size
+    image_size = int(entry.get("image_size") or meta.get("image_size") or native)
+    source = ("config entry" if entry.get("image_size") else BACKBONE_META if meta.get("image_size")
+              else "native size of the vision tower")
+    patch = model_config.vision_config.patch_size
+    if image_size % patch:
+        raise ValueError(f"{path}: image_size {image_size} is not a multiple of the patch size {patch}")
+    return {"prompt_style": style, "image_size": image_size, "native_image_size": native, "image_size_from": source}
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """bf16/fp16 on a GPU, fp32 on the CPU (half precision there is slow or unsupported)."""
+    if dtype not in ("float32", *HALF_DTYPES):
+        raise ValueError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)")
+    if dtype in HALF_DTYPES and not str(device).startswith("cuda"):
+        log.info("dtype %s requested on %s: loading in float32", dtype, device)
+        return "float32"
+    return dtype
+
+
+def _is_placeholder_token(tokenizer, token_id: int) -> bool:
+    """A special or added token: matched whole, never produced by splitting ordinary text."""
+    return token_id in tokenizer.all_special_ids or token_id in tokenizer.added_tokens_decoder
+
+
+def _check_image_token(path: Path, model, tokenizer) -> None:
+    """The image placeholder id must exist in the model and be a token no text produces."""
+    token_id = model.config.image_token_id
+    if token_id is None:
+        # Snapshots of Salesforce/blip2-opt-2.7b from before the hub added <image>: add the
+        # token; it must fit in the existing embedding rows (OPT pads its vocabulary).
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+        token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        model.config.image_token_id = token_id
+    rows = model.get_input_embeddings().weight.shape[0]
+    if not 0 <= token_id < rows:
+        raise ValueError(f"{path}: image_token_id {token_id} is outside the text embeddings ({rows} rows); "
+                         "use a current snapshot of the model (its config sets image_token_index)")
+    if token_id < len(tokenizer) and not _is_placeholder_token(tokenizer, token_id):
+        raise ValueError(f"{path}: image_token_id {token_id} ({tokenizer.convert_ids_to_tokens(token_id)!r}) "
+                         "is an ordinary token that text can produce; it must be an added placeholder token")
+
+
+def load_backbone(name: str, path: Path, device: str = "cpu", dtype: str = "float32", *,
+                  entry: dict | None = None) -> Backbone:
+    """Load a backbone directory: one path for tiny backbones (`save_backbone`), the
+    converted MiniGPT-4 (`unike.convert_minigpt4`) and untouched Hugging Face folders such
+    as Salesforce/blip2-opt-2.7b (no unike_backbone.json).
+
+    `entry` is the config's backbone entry: its `prompt_style`, `image_size` and `dtype`
+    win over the directory's metadata and over `dtype`. Offline only: nothing is
+    downloaded (HF_HUB_OFFLINE=1, local files only).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer, Blip2ForConditionalGeneration
 
     path = Path(path)
-    meta_path = path / "unike_backbone.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} is missing: {path} is not a prepared backbone directory")
-    meta = json.loads(meta_path.read_text())
-    model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return Backbone(name, model, tokenizer, meta["prompt_style"], meta["image_size"], device)
+    entry = entry or {}
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}/config.json is missing: {path} is not a Blip2ForConditionalGeneration "
+                                "directory (see docs/real-backbones.md)")
+    dtype = resolve_dtype(entry.get("dtype", dtype), device)
+    model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                          local_files_only=True).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    settings = backbone_settings(path, model.config, entry)
+    _check_image_token(path, model, tokenizer)
+    if tokenizer.pad_token_id is None:  # LLaMA tokenizers have none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if tokenizer.bos_token_id is None:
+        raise ValueError(f"{path}: the tokenizer has no BOS token")
+    log.info("%s: %s, prompt style %s, %d px images (%s; native %d), %s on %s", name, path,
+             settings["prompt_style"], settings["image_size"], settings["image_size_from"],
+             settings["native_image_size"], dtype, device)
+    return Backbone(name, model, tokenizer, settings["prompt_style"], settings["image_size"], device)
 
 
 def save_backbone(backbone_dir: Path, model, tokenizer, prompt_style: PromptStyle, image_size: int, extra: dict) -> None:
+    """Write a backbone directory `load_backbone` reads: `save_pretrained` weights and
+    tokenizer plus unike_backbone.json (prompt style, default image size, provenance)."""
     backbone_dir = Path(backbone_dir)
     model.save_pretrained(backbone_dir)
     tokenizer.save_pretrained(backbone_dir)
     meta = {"prompt_style": prompt_style, "image_size": image_size, **extra}
-    (backbone_dir / "unike_backbone.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    (backbone_dir / BACKBONE_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -22,6 +22,14 @@ log = logging.getLogger("unike")
 
 
 def _setup(args) -> tuple[dict, Layout]:
+    # Every step runs offline, wherever it runs (local, Slurm job, container): set here,
+    # before any step imports transformers / huggingface_hub (they read these at import),
+    # rather than in a Snakemake profile, which a run without that profile would skip.
+    # An explicit value in the environment wins.
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     config = load_config(args.config)
@@ -71,7 +79,8 @@ def cmd_pretrain_backbone(args) -> None:
 def _load_backbone(config: dict, layout: Layout, name: str):
     from unike.backbones import load_backbone
 
-    return load_backbone(name, layout.backbone_dir(name), config["device"], config.get("dtype", "float32"))
+    return load_backbone(name, layout.backbone_dir(name), config["device"], config.get("dtype", "float32"),
+                         entry=config["backbones"][name])
 
 
 def cmd_mine_edits(args) -> None:
@@ -140,6 +149,66 @@ def cmd_prepare_editor(args) -> None:
     # Written last: its presence tells Snakemake the folder is complete.
     (out_dir / "prepared.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     log.info("%s prepared for %s/%s in %.1f s", args.method, args.backbone, args.task, record["prepare_s"])
+
+
+def cmd_collect_triplets(args) -> None:
+    """UniKE: the backbone's own mistakes on the train split of both tasks."""
+    config, layout = _setup(args)
+    _torch_setup(config)
+    from unike.method.knowledge import collect_triplets, save_triplets
+
+    backbone = _load_backbone(config, layout, args.backbone)
+    cases = _train_cases(config, layout, args.backbone, "cross-task")
+    limit = config.get("knowledge", {}).get("n_triplets", 15000)
+    triplets = collect_triplets(backbone, cases, limit, config["data"].get("mining_max_new_tokens", 10))
+    out = layout.knowledge(args.backbone)
+    out.mkdir(parents=True, exist_ok=True)
+    save_triplets(out / "triplets.json", triplets)
+    log.info("%d triplets from %d train inputs", len(triplets), len(cases))
+
+
+def cmd_extract_hidden_states(args) -> None:
+    """UniKE: h_sem, h_pos, h_neg at every edited layer for every triplet."""
+    config, layout = _setup(args)
+    _torch_setup(config)
+    from safetensors.torch import save_file
+
+    from unike.config import edited_layers
+    from unike.method.knowledge import extract_hidden_states, load_triplets
+
+    backbone = _load_backbone(config, layout, args.backbone)
+    out = layout.knowledge(args.backbone)
+    layers = edited_layers(config, len(backbone.text))
+    states = extract_hidden_states(backbone, load_triplets(out / "triplets.json"), layers)
+    save_file(states, str(out / "hidden_states.safetensors"), metadata={"layers": json.dumps(layers)})
+    log.info("hidden states of layers %s written", layers)
+
+
+def cmd_pretrain_encoders(args) -> None:
+    """UniKE: per-layer semantic and truthfulness encoders (Eq. 4, Eq. 5) and zeta."""
+    config, layout = _setup(args)
+    _torch_setup(config)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from unike.method.encoders import EncoderConfig, train_layer_encoders
+    from unike.method.knowledge import load_triplets, triplet_groups
+
+    out = layout.knowledge(args.backbone)
+    groups = triplet_groups(load_triplets(out / "triplets.json"))
+    with safe_open(str(out / "hidden_states.safetensors"), "pt") as f:
+        layers = json.loads(f.metadata()["layers"])
+        states = {k: f.get_tensor(k) for k in f.keys()}
+    cfg = EncoderConfig(**{"seed": config["seed"], **config.get("knowledge", {}).get("encoders", {})})
+    tensors, report = {}, {"layers": layers, "config": cfg.__dict__, "per_layer": {}}
+    for l in layers:
+        enc, zeta, layer_report = train_layer_encoders(states[f"sem.{l}"], states[f"pos.{l}"], states[f"neg.{l}"],
+                                                       groups, cfg, name=f"{args.backbone}/layer{l}")
+        tensors.update({f"{l}.{k}": v.contiguous() for k, v in enc.state_dict().items()})
+        tensors[f"{l}.zeta"] = zeta.contiguous()
+        report["per_layer"][str(l)] = layer_report
+    save_file(tensors, str(out / "encoders.safetensors"), metadata={"layers": json.dumps(layers)})
+    (out / "encoders.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def cmd_cache_pre_edit(args) -> None:
@@ -233,6 +302,21 @@ def cmd_report(args) -> None:
     log.info("report written to %s", layout.report / "index.html")
 
 
+def cmd_convert_minigpt4(args) -> None:
+    """Convert MiniGPT-4 (EVA ViT-g, BLIP-2 Q-Former, llama_proj, Vicuna-7B v0) into the
+    configured path of a MiniGPT-4 backbone (docs/real-backbones.md)."""
+    config, layout = _setup(args)
+    from unike.convert_minigpt4 import Sources, convert
+
+    entry = config["backbones"][args.backbone]
+    if entry["source"] != "local" or entry["prompt_style"] != "minigpt4":
+        raise SystemExit(f"backbones.{args.backbone} must be a local backbone with prompt_style minigpt4")
+    out = layout.backbone_dir(args.backbone)
+    sources = Sources(Path(args.eva_vit), Path(args.qformer), Path(args.minigpt4), Path(args.vicuna))
+    provenance = convert(sources, out, ignore=tuple(args.ignore))
+    log.info("%s: %d original tensors converted into %s", args.backbone, provenance["n_original_tensors"], out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unike", description=__doc__)
     sub = parser.add_subparsers(dest="step", required=True)
@@ -250,9 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     step("mine-edits", cmd_mine_edits, "backbone")
     step("cache-pre-edit", cmd_cache_pre_edit, "backbone", "task")
     step("prepare-editor", cmd_prepare_editor, "method", "backbone", "task")
+    step("collect-triplets", cmd_collect_triplets, "backbone")
+    step("extract-hidden-states", cmd_extract_hidden_states, "backbone")
+    step("pretrain-encoders", cmd_pretrain_encoders, "backbone")
     step("edit-eval", cmd_edit_eval, "method", "backbone", "task", "regime")
     step("aggregate", cmd_aggregate).add_argument("runs", nargs="*", help="run Parquet files")
     step("report", cmd_report)
+    step("convert-minigpt4", cmd_convert_minigpt4, "backbone", "eva-vit", "qformer", "minigpt4", "vicuna").add_argument(
+        "--ignore", action="append", default=[], help="glob of MiniGPT-4 keys to skip on purpose (repeatable)")
     return parser
 
 

@@ -91,6 +91,12 @@ def cell_config_hash(config: dict, cell: Cell) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def edited_layers(config: dict, n_layers: int) -> list[int]:
+    """UniKE's edited layers: the last `knowledge.edited_layers` decoder layers."""
+    n = config.get("knowledge", {}).get("edited_layers", 4)
+    return list(range(max(0, n_layers - n), n_layers))
+
+
 class Layout:
     """Where each artifact lives under `out_dir`."""
 
@@ -122,6 +128,10 @@ class Layout:
         """Folder of what a trained method prepared once per backbone and task."""
         return self.out / "editors" / method / backbone / task
 
+    def knowledge(self, backbone: str) -> Path:
+        """UniKE's per-backbone triplets, hidden states and encoders."""
+        return self.out / "knowledge" / backbone
+
     def run_stem(self, cell: Cell) -> Path:
         return self.out / "runs" / cell.method / cell.backbone / cell.task / cell.regime / f"seed{self.config['seed']}"
 
@@ -136,3 +146,67 @@ class Layout:
 
 SPLIT_FILES = {("e-vqa", "train"): "vqa_train.json", ("e-vqa", "eval"): "vqa_eval.json",
                ("e-ic", "train"): "caption_train_edit.json", ("e-ic", "eval"): "caption_eval_edit.json"}
+
+
+# ---------------------------------------------------------------- external inputs
+WHERE_TO_GET = {
+    "blip2-opt": "the Hugging Face model Salesforce/blip2-opt-2.7b, downloaded on a machine with internet "
+                 "(huggingface-cli download Salesforce/blip2-opt-2.7b --local-dir <path>)",
+    "minigpt4": "python -m unike convert-minigpt4 --config <config> --backbone {name} --eva-vit eva_vit_g.pth "
+                "--qformer blip2_pretrained_flant5xxl.pth --minigpt4 prerained_minigpt4_7b.pth "
+                "--vicuna <Vicuna-7B v0 dir>",
+    "annotations": "MMEdit's annotation files (EasyEdit's MMEdit release: editing-data/vqa/vqa_{train,eval}.json and "
+                   "editing-data/caption/caption_{train,eval}_edit.json), copied flat into data.annotations",
+    "image_root": "MMEdit's image archive (COCO val2014 images and the rephrased images), unpacked into "
+                  "data.image_root",
+}
+
+
+def missing_paths(config: dict) -> list[tuple[str, str]]:
+    """External inputs of the grid that are not on disk, as (path, where to get it):
+    local backbone directories and, for `data.source: mmedit`, the annotation files, the
+    image root and the images of each file's first record (a wrong image_root shows there).
+    Tiny backbones and the tiny world are built by the DAG and are never missing."""
+    missing: list[tuple[str, str]] = []
+    used = {cell.backbone for cell in grid_cells(config)}
+    for name in sorted(used):
+        entry = config["backbones"][name]
+        if entry["source"] != "local":
+            continue
+        path = Path(entry["path"])
+        how = f"backbones.{name}: {WHERE_TO_GET[entry['paper_name']].format(name=name)}; docs/real-backbones.md"
+        if not path.is_dir():
+            missing.append((str(path), how))
+        else:
+            missing += [(str(path / f), how) for f in ("config.json", "tokenizer_config.json")
+                        if not (path / f).is_file()]
+    data = config["data"]
+    if data["source"] != "mmedit":
+        return missing
+    annotations, image_root = Path(data["annotations"]), Path(data["image_root"])
+    how = f"data.annotations: {WHERE_TO_GET['annotations']}; docs/real-backbones.md"
+    if not annotations.is_dir():
+        missing.append((str(annotations), how))
+    else:
+        missing += [(str(annotations / f), how) for f in sorted(set(SPLIT_FILES.values()))
+                    if not (annotations / f).is_file()]
+    how = f"data.image_root: {WHERE_TO_GET['image_root']}; docs/real-backbones.md"
+    if not image_root.is_dir():
+        missing.append((str(image_root), how))
+        return missing
+    for f in sorted(set(SPLIT_FILES.values())):
+        try:
+            first = json.loads((annotations / f).read_text())[0]
+            images = [first[k] for k in ("image", "image_rephrase", "m_loc")]
+        except (OSError, ValueError, IndexError, KeyError, TypeError):
+            continue  # a missing or malformed file is reported above or by the data loader
+        missing += [(str(image_root / rel), f"{how} (image of {annotations / f} record 0: is data.image_root the "
+                     "folder the records' image paths are relative to?)")
+                    for rel in images if isinstance(rel, str) and not (image_root / rel).is_file()]
+    return missing
+
+
+def format_missing(missing: list[tuple[str, str]]) -> str:
+    lines = [f"{len(missing)} input(s) of this configuration are missing:"]
+    lines += [f"  {path}\n      get it: {how}" for path, how in missing]
+    return "\n".join(lines)

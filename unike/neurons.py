@@ -100,6 +100,27 @@ def ffn_inputs(backbone: Backbone, batch: Batch, layers: list[int]) -> dict[int,
     return {layer: x.reshape(b, t, -1) for layer, x in captured.items()}
 
 
+def ffn_input_memory(backbone: Backbone, cases, layers: list[int], size: int, seed: int) -> dict[int, torch.Tensor]:
+    """FFN inputs of every real token of every scored input of `cases`, per layer,
+    subsampled to `size` rows: the memory T-Patcher's memory loss keeps neurons silent on."""
+    from unike.data import case_samples
+
+    rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for case in cases:
+        batch = backbone.encode(case_samples(case))
+        real = batch.attention_mask.bool()
+        for layer, x in ffn_inputs(backbone, batch, layers).items():
+            rows[layer].append(x[real])
+    memory = {}
+    for layer, parts in rows.items():
+        m = torch.cat(parts)
+        if m.shape[0] > size:
+            keep = torch.randperm(m.shape[0], generator=torch.Generator().manual_seed(seed))[:size]
+            m = m[keep.sort().values]
+        memory[layer] = m.contiguous()
+    return memory
+
+
 def own_activation(neurons: KeyValueNeurons, own_inputs: torch.Tensor, one_per_token: bool) -> torch.Tensor:
     """Each neuron's pre-activation on the edit: on its own token (T-Patcher: one neuron per
     wrong token, `own_inputs` row i belongs to neuron i), or its weakest over all the edit's

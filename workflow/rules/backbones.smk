@@ -20,8 +20,12 @@ rule pretrain_backbone:
 
 
 def backbone_ready(wildcards):
-    """The file that proves a backbone directory is usable."""
-    return str(LAYOUT.backbone_dir(wildcards.backbone) / "unike_backbone.json")
+    """The file that proves a backbone directory is usable: the pretraining output of a
+    tiny backbone; the config.json of a local one (given, not built: see external_input)."""
+    path = LAYOUT.backbone_dir(wildcards.backbone)
+    if config["backbones"][wildcards.backbone]["source"] == "local":
+        return external_input(path / "config.json")
+    return str(path / "unike_backbone.json")
 
 
 rule mine_edits:

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import yaml
 
+from unike.config import SPLIT_FILES
+
 OUT = config["out_dir"]
 THREADS = config["threads"]
 ON_GPU = config["device"].startswith("cuda")
@@ -36,6 +38,20 @@ UNIKE = f"python -m unike {{step}} --config {EFFECTIVE_CONFIG}"
 
 def unike(step):
     return UNIKE.format(step=step)
+
+
+def external_input(path):
+    """A file from outside the DAG (real weights, MMEdit): an input once it exists, so a
+    dry run works without it; a real run checks every such path first (onstart)."""
+    return [str(path)] if Path(path).exists() else []
+
+
+def annotation_files(backbone, tasks, split):
+    """The MMEdit split files of `tasks`: mined by the DAG (tiny world) or given (mmedit)."""
+    paths = [LAYOUT.annotations(backbone) / SPLIT_FILES[(t, split)] for t in tasks]
+    if config["data"]["source"] == "mmedit":
+        return [f for p in paths for f in external_input(p)]
+    return [str(p) for p in paths]
 
 
 @functools.cache

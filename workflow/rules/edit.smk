@@ -4,7 +4,7 @@ from unike.config import SPLIT_FILES
 
 
 def eval_split(wildcards):
-    return str(LAYOUT.annotations(wildcards.backbone) / SPLIT_FILES[(wildcards.task, "eval")])
+    return annotation_files(wildcards.backbone, [wildcards.task], "eval")
 
 
 rule cache_pre_edit:
@@ -33,11 +33,11 @@ def pre_edit_files(wildcards):
 
 
 def eval_splits(wildcards):
-    return [str(LAYOUT.annotations(wildcards.backbone) / SPLIT_FILES[(t, "eval")]) for t in _tasks(wildcards)]
+    return annotation_files(wildcards.backbone, _tasks(wildcards), "eval")
 
 
 def train_splits(wildcards):
-    return [str(LAYOUT.annotations(wildcards.backbone) / SPLIT_FILES[(t, "train")]) for t in _tasks(wildcards)]
+    return annotation_files(wildcards.backbone, _tasks(wildcards), "train")
 
 
 rule prepare_editor:
