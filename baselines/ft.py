@@ -27,10 +27,10 @@ class FTHparams:
 class FineTune(Editor):
     Hparams = FTHparams
 
-    def __init__(self, backbone, hparams=None, prepared=None):
-        super().__init__(backbone, hparams, prepared)
-        self.layer = len(backbone.text) - 1
-        self.params = backbone.text.ffn_parameters(self.layer)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layer = len(self.backbone.text) - 1
+        self.params = self.backbone.text.ffn_parameters(self.layer)
         self.snapshot = ParamSnapshot(self.params)
 
     def _optimizer(self, params):

@@ -55,12 +55,12 @@ class TPatcher(Editor):
         save_file({"memory": memory}, str(out_dir / "memory.safetensors"))
         return {"layer": layer, "memory_tokens": memory.shape[0]}
 
-    def __init__(self, backbone, hparams=None, prepared=None):
-        super().__init__(backbone, hparams, prepared)
-        self.layer = _layer(backbone, self.hparams)
-        self.base_memory = load_file(str(prepared / "memory.safetensors"))["memory"].to(backbone.device)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layer = _layer(self.backbone, self.hparams)
+        self.base_memory = load_file(str(self.prepared / "memory.safetensors"))["memory"].to(self.backbone.device)
         self.memory = self.base_memory
-        self.patcher = FFNPatcher(backbone)
+        self.patcher = FFNPatcher(self.backbone)
 
     def edit(self, case: EditCase) -> None:
         h, backbone = self.hparams, self.backbone

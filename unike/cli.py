@@ -142,8 +142,9 @@ def cmd_prepare_editor(args) -> None:
     out_dir = layout.prepared(args.method, args.backbone, args.task)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    extra = {"knowledge": layout.knowledge(args.backbone)} if cls.needs_knowledge else {}
     summary = cls.prepare(backbone, parse_hparams(cls.Hparams, method.get("hparams", {}), args.method), cases,
-                          out_dir, config["seed"])
+                          out_dir, config["seed"], **extra)
     record = {"method": args.method, "backbone": args.backbone, "task": args.task, "n_train_cases": len(cases),
               "prepare_s": time.time() - t0, "hparams": method.get("hparams", {}), "summary": summary}
     # Written last: its presence tells Snakemake the folder is complete.
@@ -171,16 +172,14 @@ def cmd_extract_hidden_states(args) -> None:
     """UniKE: h_sem, h_pos, h_neg at every edited layer for every triplet."""
     config, layout = _setup(args)
     _torch_setup(config)
-    from safetensors.torch import save_file
-
     from unike.config import edited_layers
-    from unike.method.knowledge import extract_hidden_states, load_triplets
+    from unike.method.knowledge import extract_hidden_states, load_triplets, save_hidden_states
 
     backbone = _load_backbone(config, layout, args.backbone)
     out = layout.knowledge(args.backbone)
     layers = edited_layers(config, len(backbone.text))
     states = extract_hidden_states(backbone, load_triplets(out / "triplets.json"), layers)
-    save_file(states, str(out / "hidden_states.safetensors"), metadata={"layers": json.dumps(layers)})
+    save_hidden_states(out / "hidden_states.safetensors", states, layers)
     log.info("hidden states of layers %s written", layers)
 
 
@@ -188,27 +187,11 @@ def cmd_pretrain_encoders(args) -> None:
     """UniKE: per-layer semantic and truthfulness encoders (Eq. 4, Eq. 5) and zeta."""
     config, layout = _setup(args)
     _torch_setup(config)
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    from unike.method.encoders import EncoderConfig, pretrain_encoders
 
-    from unike.method.encoders import EncoderConfig, train_layer_encoders
-    from unike.method.knowledge import load_triplets, triplet_groups
-
-    out = layout.knowledge(args.backbone)
-    groups = triplet_groups(load_triplets(out / "triplets.json"))
-    with safe_open(str(out / "hidden_states.safetensors"), "pt") as f:
-        layers = json.loads(f.metadata()["layers"])
-        states = {k: f.get_tensor(k) for k in f.keys()}
     cfg = EncoderConfig(**{"seed": config["seed"], **config.get("knowledge", {}).get("encoders", {})})
-    tensors, report = {}, {"layers": layers, "config": cfg.__dict__, "per_layer": {}}
-    for l in layers:
-        enc, zeta, layer_report = train_layer_encoders(states[f"sem.{l}"], states[f"pos.{l}"], states[f"neg.{l}"],
-                                                       groups, cfg, name=f"{args.backbone}/layer{l}")
-        tensors.update({f"{l}.{k}": v.contiguous() for k, v in enc.state_dict().items()})
-        tensors[f"{l}.zeta"] = zeta.contiguous()
-        report["per_layer"][str(l)] = layer_report
-    save_file(tensors, str(out / "encoders.safetensors"), metadata={"layers": json.dumps(layers)})
-    (out / "encoders.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    report = pretrain_encoders(layout.knowledge(args.backbone), cfg)
+    log.info("encoders of layers %s trained", report["layers"])
 
 
 def cmd_cache_pre_edit(args) -> None:
@@ -261,7 +244,9 @@ def cmd_edit_eval(args) -> None:
         pre_edit.update(load_pre_edit(layout.pre_edit(cell.backbone, task), cases_by_task[task]))
     method = config["methods"][cell.method]
     prepared = layout.prepared(cell.method, cell.backbone, cell.task)
-    editor = create_editor(method, backbone, prepared if resolve_editor(method["editor"]).needs_training else None)
+    cls = resolve_editor(method["editor"])
+    editor = create_editor(method, backbone, prepared if cls.needs_training else None,
+                           layout.knowledge(cell.backbone) if cls.needs_knowledge else None)
     sequences = make_sequences(cases_by_task, cell.regime, config["seed"])
     log.info("%s: %d sequences, %d edits", cell, len(sequences), sum(map(len, sequences)))
     rows = run_sequences(editor, sequences, pre_edit)

@@ -30,21 +30,28 @@ class NoHparams:
 
 class Editor:
     needs_training: ClassVar[bool] = False  # True: `prepare` runs once per (backbone, task) before editing
+    needs_knowledge: ClassVar[bool] = False  # True: gets UniKE's per-backbone knowledge folder (`knowledge=`)
     supports_sequential: ClassVar[bool] = True
     Hparams: ClassVar[type] = NoHparams
 
-    def __init__(self, backbone: Backbone, hparams: dict | None = None, prepared: Path | None = None):
+    def __init__(self, backbone: Backbone, hparams: dict | None = None, prepared: Path | None = None,
+                 knowledge: Path | None = None):
         self.backbone = backbone
         self.hparams = parse_hparams(self.Hparams, hparams or {}, type(self).__name__)
         if self.needs_training and prepared is None:
             raise ValueError(f"{type(self).__name__} needs the folder written by its `prepare` step")
+        if self.needs_knowledge and knowledge is None:
+            raise ValueError(f"{type(self).__name__} needs the knowledge folder (triplet states and encoders)")
         self.prepared = prepared
+        self.knowledge = knowledge
 
     @classmethod
-    def prepare(cls, backbone: Backbone, hparams, train_cases: list[EditCase], out_dir: Path, seed: int) -> dict:
+    def prepare(cls, backbone: Backbone, hparams, train_cases: list[EditCase], out_dir: Path, seed: int,
+                **knowledge) -> dict:
         """Train what the method needs (hypernetwork, classifier, demo bank) on the train
         split, write it under `out_dir`, and return a summary (losses, timings) to record.
-        `hparams` is the parsed `Hparams` instance."""
+        `hparams` is the parsed `Hparams` instance; editors with `needs_knowledge` also get
+        `knowledge=` the knowledge folder."""
         raise NotImplementedError(f"{cls.__name__} needs no preparation")
 
     def edit(self, case: EditCase) -> None:
@@ -109,5 +116,8 @@ def resolve_editor(spec: str) -> type[Editor]:
     return cls
 
 
-def create_editor(method_cfg: dict, backbone: Backbone, prepared: Path | None = None) -> Editor:
-    return resolve_editor(method_cfg["editor"])(backbone, method_cfg.get("hparams", {}), prepared)
+def create_editor(method_cfg: dict, backbone: Backbone, prepared: Path | None = None,
+                  knowledge: Path | None = None) -> Editor:
+    cls = resolve_editor(method_cfg["editor"])
+    extra = {"knowledge": knowledge} if cls.needs_knowledge else {}
+    return cls(backbone, method_cfg.get("hparams", {}), prepared, **extra)

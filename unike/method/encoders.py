@@ -16,7 +16,9 @@ Similarity s is the cosine divided by a temperature (the paper leaves s unspecif
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -140,3 +142,28 @@ def train_layer_encoders(sem: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
     checks = heldout_checks(enc, sem, pos, neg, train_idx, held_idx, groups)
     log.info("encoders %s held-out: %s", name, checks)
     return enc, zeta, {"curve": curve, "heldout": checks}
+
+
+def pretrain_encoders(knowledge: Path, cfg: EncoderConfig) -> dict:
+    """Train the encoders of every layer in `knowledge/hidden_states.safetensors`; write
+    `encoders.safetensors` ("{layer}.sem.*", "{layer}.tru.*", "{layer}.zeta") and
+    `encoders.json` (config, curves, held-out checks)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from unike.method.knowledge import load_triplets, triplet_groups
+
+    groups = triplet_groups(load_triplets(knowledge / "triplets.json"))
+    with safe_open(str(knowledge / "hidden_states.safetensors"), "pt") as f:
+        layers = json.loads(f.metadata()["layers"])
+        states = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, report = {}, {"layers": layers, "config": asdict(cfg), "per_layer": {}}
+    for l in layers:
+        enc, zeta, layer_report = train_layer_encoders(states[f"sem.{l}"], states[f"pos.{l}"], states[f"neg.{l}"],
+                                                       groups, cfg, name=f"layer{l}")
+        tensors.update({f"{l}.{k}": v.contiguous() for k, v in enc.state_dict().items()})
+        tensors[f"{l}.zeta"] = zeta.contiguous()
+        report["per_layer"][str(l)] = layer_report
+    save_file(tensors, str(knowledge / "encoders.safetensors"), metadata={"layers": json.dumps(layers)})
+    (knowledge / "encoders.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return report

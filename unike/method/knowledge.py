@@ -105,3 +105,9 @@ def extract_hidden_states(backbone: Backbone, triplets: list[Triplet], layers: l
         if (start // batch_size) % 20 == 0:
             log.info("hidden states: %d/%d triplets", min(start + batch_size, len(triplets)), len(triplets))
     return {k: torch.cat(v).float().contiguous() for k, v in out.items()}
+
+
+def save_hidden_states(path: Path, states: dict[str, torch.Tensor], layers: list[int]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(states, str(path), metadata={"layers": json.dumps(layers)})

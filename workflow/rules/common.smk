@@ -55,8 +55,16 @@ def annotation_files(backbone, tasks, split):
 
 
 @functools.cache
-def needs_training(method):
-    """The editor class's capability flag (imports the method's module once)."""
+def editor_flag(method, flag):
+    """A capability flag of the method's editor class (imports its module once)."""
     from unike.editing import resolve_editor
 
-    return resolve_editor(config["methods"][method]["editor"]).needs_training
+    return getattr(resolve_editor(config["methods"][method]["editor"]), flag)
+
+
+def knowledge_files(wildcards):
+    """UniKE's per-backbone knowledge, for editors that need it."""
+    if not editor_flag(wildcards.method, "needs_knowledge"):
+        return []
+    return [f"{OUT}/knowledge/{wildcards.backbone}/hidden_states.safetensors",
+            f"{OUT}/knowledge/{wildcards.backbone}/encoders.safetensors"]

@@ -44,6 +44,7 @@ rule prepare_editor:
     input:
         backbone=backbone_ready,
         splits=train_splits,
+        knowledge=knowledge_files,
     output:
         f"{OUT}/editors/{{method}}/{{backbone}}/{{task}}/prepared.json",
     log:
@@ -59,7 +60,7 @@ rule prepare_editor:
 
 
 def prepared_editor(wildcards):
-    if not needs_training(wildcards.method):
+    if not editor_flag(wildcards.method, "needs_training"):
         return []
     return [str(LAYOUT.prepared(wildcards.method, wildcards.backbone, wildcards.task) / "prepared.json")]
 
@@ -70,6 +71,7 @@ rule edit_eval:
         pre_edit=pre_edit_files,
         splits=eval_splits,
         prepared=prepared_editor,
+        knowledge=knowledge_files,
     output:
         parquet=f"{OUT}/runs/{{method}}/{{backbone}}/{{task}}/{{regime}}/seed{{seed}}.parquet",
         provenance=f"{OUT}/runs/{{method}}/{{backbone}}/{{task}}/{{regime}}/seed{{seed}}.json",

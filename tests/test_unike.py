@@ -1,0 +1,103 @@
+"""UniKE's editor on untrained tiny backbones, with a knowledge folder built by the real
+pipeline functions (triplets -> hidden states -> encoders)."""
+
+import pytest
+import torch
+
+from unike.data import case_samples, edit_sample
+from unike.method.editor import UniKE, UniKEHparams
+from unike.method.encoders import EncoderConfig, pretrain_encoders
+from unike.method.knowledge import (collect_triplets, extract_hidden_states, last_prompt_positions,
+                                    save_hidden_states, save_triplets)
+
+
+@pytest.fixture
+def unike_dirs(backbone, vqa_cases, caption_cases, tmp_path):
+    knowledge, prepared = tmp_path / "knowledge", tmp_path / "prepared"
+    knowledge.mkdir()
+    prepared.mkdir()
+    train = vqa_cases[2:] + caption_cases
+    triplets = collect_triplets(backbone, train, limit=100, max_new_tokens=3)
+    assert len(triplets) >= 4  # an untrained model is wrong on (nearly) everything
+    save_triplets(knowledge / "triplets.json", triplets)
+    layers = list(range(len(backbone.text)))
+    save_hidden_states(knowledge / "hidden_states.safetensors", extract_hidden_states(backbone, triplets, layers), layers)
+    pretrain_encoders(knowledge, EncoderConfig(truth_dim=8, hidden=32, steps=20, batch_size=8))
+    UniKE.prepare(backbone, UniKEHparams(memory_size=2000), train, prepared, 0, knowledge=knowledge)
+    return knowledge, prepared
+
+
+def _unike(backbone, dirs, **hp):
+    knowledge, prepared = dirs
+    return UniKE(backbone, {"memory_size": 2000, **hp}, prepared, knowledge=knowledge)
+
+
+def test_alpha_zero_without_neurons_reproduces_the_unedited_model_bit_exactly(backbone, vqa_cases, unike_dirs):
+    samples = case_samples(vqa_cases[0])
+    batch = backbone.encode(samples)
+    before = backbone.logits(batch)
+    editor = _unike(backbone, unike_dirs, intrinsic=False, alpha=0.0)
+    editor.edit(vqa_cases[0])  # adds the edit's own knowledge pair, no neurons
+    after = editor._forward(backbone.encode(samples))
+    assert torch.equal(before, after)
+    editor.close()
+
+
+def test_latent_knowledge_shifts_the_output_when_included(backbone, vqa_cases, unike_dirs):
+    samples = case_samples(vqa_cases[0])
+    before = backbone.logits(backbone.encode(samples))
+    editor = _unike(backbone, unike_dirs, intrinsic=False, alpha=0.5)
+    editor.edit(vqa_cases[0])
+    assert not torch.allclose(before, editor._forward(backbone.encode(samples)))
+    editor.close()
+
+
+def test_retrieval_ignores_answer_tokens(backbone, vqa_cases, unike_dirs):
+    """The query sits at the last prompt token, so changing the answer changes nothing retrieved."""
+    editor = _unike(backbone, unike_dirs, intrinsic=False, alpha=0.5)
+    case = vqa_cases[0]
+    seen = []
+    hook = editor.latent._retrieve_hook
+
+    def spy(layer, args, kwargs):
+        hook(layer, args, kwargs)
+        seen.append(editor.latent._state[layer][1].clone())
+
+    editor.latent._retrieve_hook = spy
+    for answer in (case.alt, "fish seeds"):
+        sample = edit_sample(case).__class__(case.image, edit_sample(case).prompt, answer)
+        batch = backbone.encode([sample])
+        assert int(last_prompt_positions(batch)[0]) < int(batch.answer_mask[0].nonzero()[0])
+        editor._forward(batch)
+    n = len(seen) // 2
+    assert all(torch.equal(a, b) for a, b in zip(seen[:n], seen[n:]))
+    editor.close()
+
+
+def test_one_step_edit_fixes_the_mistake_and_restores_exactly(backbone, vqa_cases, unike_dirs):
+    case = vqa_cases[0]
+    weights = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    other = case_samples(vqa_cases[1])
+    untouched = backbone.logits(backbone.encode(other))
+    editor = _unike(backbone, unike_dirs, max_steps=200, alpha=0.2)
+    (pred,), (target,) = editor.predict([edit_sample(case)])
+    assert not torch.equal(pred, target)
+    editor.edit(case)
+    (pred,), (target,) = editor.predict([edit_sample(case)])
+    assert torch.equal(pred, target)
+    editor.restore()
+    assert all(torch.equal(weights[k], v) for k, v in backbone.model.state_dict().items())
+    editor.close()  # detaches the latent knowledge hooks
+    assert torch.equal(backbone.logits(backbone.encode(other)), untouched)
+
+
+def test_zeta_variants(backbone, unike_dirs):
+    full = _unike(backbone, unike_dirs, intrinsic=True, external="none")
+    rand = _unike(backbone, unike_dirs, intrinsic=True, external="none", zeta="random")
+    none = _unike(backbone, unike_dirs, intrinsic=True, external="none", zeta="none")
+    layer = full.layers[0]
+    assert none.zeta[layer] is None
+    torch.testing.assert_close(rand.zeta[layer].norm(), full.zeta[layer].norm())
+    assert not torch.allclose(rand.zeta[layer], full.zeta[layer])
+    with pytest.raises(ValueError, match="unknown variant"):
+        _unike(backbone, unike_dirs, zeta="sideways")
