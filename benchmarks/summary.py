@@ -24,6 +24,8 @@ def main() -> None:
         if r:
             lines.append(f"| {name} | {TARGETS[name]}, < 8 GB | {r['wall_s'] / 60:.1f} min | {r['peak_rss_mb']} MB "
                          f"| {r['machine']}, --cores {r['cores']} | {r['date']} |")
+            if r.get("note"):
+                lines.append(f"|  | *{r['note']}* | | | | |")
     if "tiny-backbones" in results:
         lines += ["", "## Tiny backbones (default config, `pretrain_backbone`)", "",
                   "| backbone | held-out answer-token accuracy | exact match | training time |", "| --- | --- | --- | --- |"]
