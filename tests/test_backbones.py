@@ -88,3 +88,12 @@ def test_batched_greedy_equals_one_at_a_time(backbone, vqa_cases, caption_cases)
     together = backbone.greedy(samples, max_new_tokens=4)
     assert together == [backbone.greedy([s], max_new_tokens=4)[0] for s in samples]
     assert all(isinstance(a, str) for a in together)
+
+
+def test_prefix_can_be_replayed_without_growing_a_cache(backbone, vqa_cases):
+    """Editors run the upper layers many times on one prefix: each run must be the same."""
+    batch = backbone.encode(case_samples(vqa_cases[1]))
+    prefix = backbone.prefix(batch, 1)
+    with torch.no_grad():
+        first, second = backbone.logits_from(prefix), backbone.logits_from(prefix)
+    assert torch.equal(first, second) and torch.equal(first, backbone.logits(batch))

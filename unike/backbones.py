@@ -241,7 +241,10 @@ class Backbone:
 
         def grab(_module, args, kwargs):
             captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            # No KV cache: replaying the layers must not append to a cache on every call.
+            captured["kwargs"] = {k: v for k, v in kwargs.items()
+                                  if k not in ("hidden_states", "cache", "past_key_values", "past_key_value")}
+            captured["kwargs"]["use_cache"] = False
             raise _StopForward
 
         handle = self.text.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
