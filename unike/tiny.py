@@ -22,7 +22,8 @@ from unike.data import vqa_prompt
 
 log = logging.getLogger(__name__)
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-FIXED_WORDS = ["question", "short", "answer", ":", "###", "human", "<", "img", ">", "</", "/"]
+FIXED_WORDS = ["question", "short", "answer", ":", "###", "human", "<", "img", ">", "</", "/",
+               "new", "fact", "prompt"]  # the last three: IKE's "New Fact: ... Prompt: ..." demonstrations
 
 
 @dataclass(frozen=True)
