@@ -13,14 +13,9 @@ configfile: Path(workflow.basedir) / "config.yaml"
 
 validate(config, "unike/schemas/config.schema.json")
 
-# config.yaml's tiny backbones merge into every --configfile; a real-data config cannot use
-# them (tiny backbones need the tiny world), so those its grid does not name are dropped.
-if config["data"]["source"] == "mmedit":
-    _named = {b for cell in config["grid"] for b in cell["backbones"]}
-    config["backbones"] = {n: b for n, b in config["backbones"].items() if b["source"] != "tiny" or n in _named}
+from unike.config import Layout, drop_unused_tiny_backbones, grid_cells, validate as validate_config
 
-from unike.config import Layout, grid_cells, validate as validate_config
-
+drop_unused_tiny_backbones(config)
 validate_config(config)
 LAYOUT = Layout(config)
 CELLS = grid_cells(config)

@@ -32,7 +32,7 @@ we use the training window: there is no validation split of the train cases). Ce
 RMSprop with linear warm-up and linear decay, as KE. Multimodal addition: the image
 rephrase is a second view of the edit (`image_rephrase: true`). `counterfactual` gives a
 share of the training edits a target the model itself proposes (KE trains on targets
-from the model's beam search; see `baselines.mend.Counterfactuals`): without it, on the
+from the model's beam search; see `unike.hypernet.Counterfactuals`): without it, on the
 tiny world's train split (4 distinct VQA targets) KE learns to write those targets and
 edits nothing else.
 
@@ -50,24 +50,10 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from baselines.mend import (
-    EditedLinear,
-    PrefixCache,
-    ProgressLog,
-    Trained,
-    answer_correct,
-    answer_kl,
-    answer_nll,
-    capture_factors,
-    clean_prefix,
-    edited_linears,
-    load_prepared,
-    save_prepared,
-    training_cases,
-    upper_logits,
-)
-from unike.data import EditCase, edit_sample
-from unike.editing import Editor, ParamSnapshot
+from unike.data import EditCase
+from unike.hypernet import (EditedLinear, HypernetEditor, PrefixCache, ProgressLog, Trained, answer_correct,
+                           answer_kl, answer_nll, capture_factors, edited_linears, save_prepared, training_cases,
+                           upper_logits)
 
 log = logging.getLogger(__name__)
 DIVERGENCES = ("kl", "lp", "both")
@@ -170,33 +156,17 @@ def lp_divergence(updates: dict[str, torch.Tensor], p: float) -> torch.Tensor:
     return sum((d.abs() ** p).mean() ** (1 / p) for d in updates.values()) / len(updates)
 
 
-class KnowledgeEditor(Editor):
-    needs_training = True
-    supports_sequential = True
+class KnowledgeEditor(HypernetEditor):
     Hparams = KEHparams
+    method = "ke"
+    arch_fields = ARCH_FIELDS
 
-    def __init__(self, backbone, hparams=None, prepared=None):
-        super().__init__(backbone, hparams, prepared)
-        self.linears = edited_linears(backbone, self.hparams.n_layers, self.hparams.include_gate)
-        self.net = KENetwork(backbone.model.get_input_embeddings().weight, self.linears, self.hparams)
-        load_prepared(self.net, prepared, "ke", self.hparams, ARCH_FIELDS, self.linears)
-        self.net.eval().requires_grad_(False)
-        self.net.to(backbone.device)
-        self.first_layer = min(lin.layer for lin in self.linears)
-        self.snapshot = ParamSnapshot({lin.name: lin.module.weight for lin in self.linears})
+    @staticmethod
+    def build_network(backbone, linears, hparams):
+        return KENetwork(backbone.model.get_input_embeddings().weight, linears, hparams)
 
-    def edit(self, case: EditCase) -> None:
-        batch = self.backbone.encode([edit_sample(case)])
-        prefix = clean_prefix(self.backbone, batch, self.first_layer)
-        _, _, factors = capture_factors(self.backbone, prefix, batch, self.linears)
-        with torch.no_grad():
-            updates = self.net.updates(condition_ids(self.backbone, self.hparams.cond_template, case),
-                                       weight_grads(factors))
-            for lin in self.linears:
-                lin.module.weight.add_(updates[lin.name].to(lin.module.weight.dtype))
-
-    def restore(self) -> None:
-        self.snapshot.restore()
+    def updates(self, case, factors):
+        return self.net.updates(condition_ids(self.backbone, self.hparams.cond_template, case), weight_grads(factors))
 
     @classmethod
     def prepare(cls, backbone, hparams, train_cases, out_dir, seed):

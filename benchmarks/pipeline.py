@@ -6,6 +6,7 @@ benchmarks/results/pipeline-<name>.json.
 
     python benchmarks/pipeline.py default
     python benchmarks/pipeline.py smoke
+    python benchmarks/pipeline.py default --keep .   # run in (and keep) this folder instead
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(CONFIGS))
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--keep", type=Path, help="run in this folder and keep its results (default: a temporary one)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as workdir:
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = str(args.keep.resolve()) if args.keep else scratch
         cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", workdir,
                "--cores", str(args.cores), "--quiet", *CONFIGS[args.name]]
         t0 = time.time()

@@ -2,6 +2,7 @@
 
     python benchmarks/pipeline.py default && python benchmarks/pipeline.py smoke
     python benchmarks/per_edit.py --config config.yaml
+    python benchmarks/training_cost.py results    # after a default DAG run
     python benchmarks/summary.py
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from training_cost import table as training_cost_table  # this script's folder is on sys.path
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {"default": "under 30 min", "smoke": "under 5 min"}
@@ -42,6 +45,12 @@ def main() -> None:
             for task, t in sorted(tasks.items()):
                 lines.append(f"| {backbone} | {task} | {t['cases']} | {t['plain_s_per_edit']:.4f} "
                              f"| {t['harness_s_per_edit']:.4f} | {t['speedup']:.2f}x |")
+    r = results.get("training_cost")
+    if r:
+        lines += ["", f"## Training cost of the trained methods (`training_cost.py`, from `{r['out_dir']}`)", "",
+                  "Seconds of each `prepare_editor` step as the DAG run recorded them (`prepared.json`); training "
+                  "steps, loop time and parameters are those of the hypernetworks (KE, MEND). What each method "
+                  "prepares: `docs/baselines.md`.", "", *training_cost_table(r["rows"])]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 

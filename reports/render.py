@@ -1,12 +1,15 @@
-"""Render the report (Table 1 in md/html/tex + an offline index page) from the DuckDB.
+"""Render the report (Tables 1-5 in md/html/tex, figures, an offline index page) from the DuckDB.
 
-Output is a pure function of the DB contents and the packaged reference CSVs:
-no timestamps, no host names, stable ordering, so re-rendering the same DB
-gives byte-identical files (and clean diffs when results change).
+Output is a pure function of the DB contents, the given knowledge spaces, the
+report config and the packaged reference CSVs: no timestamps, no host names, stable
+ordering and seeded bootstraps, so re-rendering gives byte-identical files (and
+clean diffs when results change).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,13 @@ from typing import Any
 import duckdb
 import jinja2
 
-from reports.tables import METRIC_LABELS, TASK_LABELS, Table1, table1
+from reports import figures
+from reports.outputs import report_files
+from reports.results import Results
+from reports.stats import Estimate
+from reports.summary import SCORE_LABELS, SETTINGS, table5
+from reports.tables import (ABLATION_LABELS, ABLATIONS, METRIC_LABELS, PAPER_METHOD_ORDER, table1, table2,
+                            table3, table4)
 
 # Columns of the provenance table on the index page, in display order.
 PROVENANCE_COLUMNS: tuple[str, ...] = (
@@ -47,6 +56,14 @@ def fmt_signed(value: float | None, missing: str = "–") -> str:
     return missing if value is None else f"{round(value, 1) + 0.0:+.1f}"
 
 
+def fmt_mean(value: Estimate | None, missing: str = "–") -> str:
+    return missing if value is None else fmt_num(value.mean)
+
+
+def fmt_ci(value: Estimate) -> str:
+    return f"[{value.lo:.1f}, {value.hi:.1f}]"
+
+
 def _env(autoescape: bool, missing: str, **delimiters: str) -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("reports", "templates"),
@@ -58,8 +75,8 @@ def _env(autoescape: bool, missing: str, **delimiters: str) -> jinja2.Environmen
         **delimiters,
     )
     env.filters.update(num=partial(fmt_num, missing=missing), signed=partial(fmt_signed, missing=missing),
-                       tex=tex_escape, md=md_escape)
-    env.globals.update(METRIC_LABELS=METRIC_LABELS, TASK_LABELS=TASK_LABELS)
+                       mean=partial(fmt_mean, missing=missing), ci=fmt_ci, tex=tex_escape, md=md_escape)
+    env.globals.update(METRIC_LABELS=METRIC_LABELS, SCORE_LABELS=SCORE_LABELS, SETTINGS=SETTINGS)
     return env
 
 
@@ -67,7 +84,7 @@ def _environments() -> dict[str, jinja2.Environment]:
     return {
         "md": _env(False, "–"),
         "html": _env(True, "–"),
-        # TeX is full of braces, so the TeX template uses << >> / <% %> / <# #> instead.
+        # TeX is full of braces, so the TeX templates use << >> / <% %> / <# #> instead.
         "tex": _env(False, "--", block_start_string="<%", block_end_string="%>",
                     variable_start_string="<<", variable_end_string=">>",
                     comment_start_string="<#", comment_end_string="#>"),
@@ -82,25 +99,70 @@ def _runs(con: duckdb.DuckDBPyConnection) -> list[dict[str, str]]:
     ]
 
 
-def render_report(db_path: Path, out_dir: Path, backbone_map: dict[str, str]) -> list[Path]:
-    """Write ``out_dir/tables/table1.{md,html,tex}`` and ``out_dir/index.html``; return their paths."""
+@dataclass(frozen=True)
+class FigureEntry:
+    """A figure on the index page: drawn (``name`` set) or a sentence saying why not."""
+
+    title: str
+    name: str | None
+    notes: tuple[str, ...] = ()
+
+
+def render_report(db_path: Path, out_dir: Path, backbone_map: dict[str, str],
+                  figure4: Mapping[str, Any] | None = None, spaces: Mapping[str, Path] | None = None) -> list[Path]:
+    """Write every file of ``reports.outputs.report_files`` under ``out_dir``; return their paths.
+
+    ``figure4`` is the config's report.figure4 section (None: no Figure 4); ``spaces`` maps
+    a backbone to its knowledge/<backbone>/spaces.parquet (empty: no Figure 5a).
+    """
+    spaces = dict(spaces or {})
+    out_dir = Path(out_dir)
     # Opened directly rather than via unike.store so reports never import the unike package.
     with duckdb.connect(str(db_path), read_only=True) as con:
-        t1: Table1 = table1(con, backbone_map)
+        results = Results.load(con)
         runs = _runs(con)
 
+    # Figure 4's sweep methods are one-step runs too; they belong to Figure 4 only.
+    sweeps = figures.figure4_methods(figure4) - set(PAPER_METHOD_ORDER) - set(ABLATION_LABELS)
+    elsewhere = ABLATIONS | sweeps
+    tables = [table1(results, backbone_map, elsewhere), table2(results, backbone_map, elsewhere),
+              table3(results, backbone_map, elsewhere), table4(results, backbone_map), table5(results, elsewhere)]
+
+    written: list[Path] = []
+    entries: list[FigureEntry] = []
+    if figure4:
+        data = figures.figure4(results, figure4)
+        written += figures.draw_figure4(data, out_dir / "figures/figure4")
+        notes = tuple(f"Missing (no runs): {m}" for m in data.missing)
+        entries.append(FigureEntry(f"Figure 4: in-depth analysis ({data.backbone}, {data.task})", "figure4", notes))
+    else:
+        entries.append(FigureEntry("Figure 4", None, ("Not drawn: the config has no report.figure4 section.",)))
+    if spaces:
+        written += figures.draw_figure5a({b: figures.read_spaces(p) for b, p in spaces.items()},
+                                         out_dir / "figures/figure5a")
+        entries.append(FigureEntry("Figure 5a: knowledge spaces (t-SNE)", "figure5a"))
+    else:
+        entries.append(FigureEntry("Figure 5a", None, ("Not drawn: no knowledge spaces were given "
+                                                       "(the config has no knowledge section).",)))
+    written += figures.draw_tradeoff(figures.tradeoff(results, sweeps), out_dir / "figures/gen-vs-loc")
+    entries.append(FigureEntry("Beyond the paper: generality vs locality of every method (one-step; cf. the paper's "
+                               "Figure 2a)", "gen-vs-loc"))
+
     envs = _environments()
-    outputs = {
-        Path("tables/table1.md"): envs["md"].get_template("table1.md.j2").render(t=t1),
-        Path("tables/table1.html"): envs["html"].get_template("table1.html.j2").render(t=t1),
-        Path("tables/table1.tex"): envs["tex"].get_template("table1.tex.j2").render(t=t1),
-        Path("index.html"): envs["html"].get_template("index.html.j2").render(
-            t=t1, runs=runs, columns=PROVENANCE_COLUMNS),
-    }
-    written = []
-    for rel, text in outputs.items():
-        path = Path(out_dir) / rel
+    texts: dict[str, str] = {}
+    for t in tables:
+        kind = "table5" if t.number == 5 else "metric_table"
+        for fmt in ("md", "html", "tex"):
+            texts[f"tables/table{t.number}.{fmt}"] = envs[fmt].get_template(f"{kind}.{fmt}.j2").render(t=t)
+    texts["index.html"] = envs["html"].get_template("index.html.j2").render(
+        tables=tables, figures=entries, runs=runs, columns=PROVENANCE_COLUMNS)
+    for rel, text in texts.items():
+        path = out_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8", newline="\n")
         written.append(path)
-    return written
+
+    expected = {out_dir / f for f in report_files(bool(figure4), bool(spaces))}
+    # report.smk lists reports.outputs as the rule's outputs: both must name the same files.
+    assert set(written) == expected, sorted(map(str, set(written) ^ expected))
+    return sorted(written)

@@ -1,60 +1,84 @@
-"""Paper tables computed from the aggregated DuckDB, next to the paper's numbers.
+"""Paper Tables 1-4 computed from the per-edit rows, next to the paper's numbers.
 
-Layering: this module only reads the DuckDB and the packaged reference CSVs;
+Layering: the reports package only reads the DuckDB and the packaged reference CSVs;
 it must never import torch, transformers or model code (a test enforces it).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
-from importlib import resources
+from typing import Collection
 
-import duckdb
+import numpy as np
 
-METRICS: tuple[str, ...] = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
+from reports.paper import paper_tables
+from reports.results import METRICS, SEQUENTIAL_REGIMES, Results
+from reports.stats import Estimate, estimate
+
 METRIC_LABELS: dict[str, str] = {
     "rel": "Rel.", "t_gen": "T-Gen.", "m_gen": "M-Gen.", "t_loc": "T-Loc.", "m_loc": "M-Loc.",
 }
-TASKS: tuple[str, ...] = ("e-vqa", "e-ic")
-TASK_LABELS: dict[str, str] = {"e-vqa": "E-VQA", "e-ic": "E-IC"}
+TASK_LABELS: dict[str, str] = {"e-vqa": "E-VQA", "e-ic": "E-IC", "cross-task": "E-VQA + E-IC"}
+REGIME_LABELS: dict[str, str] = {"one-step": "one-step", "seq-10": "10-step", "seq-20": "20-step",
+                                 "cross-10": "10-step"}
 
 # Row order and names as printed in the paper's Table 1.
 PAPER_METHOD_ORDER: tuple[str, ...] = ("backbone", "ft", "ke", "tpatcher", "mend", "ike", "serac", "unike")
+# Tables 2 and 3 (the paper leaves IKE out of sequential editing): any other method follows.
+SEQUENTIAL_METHOD_ORDER: tuple[str, ...] = ("ft", "ke", "tpatcher", "mend", "serac", "unike")
 METHOD_LABELS: dict[str, str] = {
     "backbone": "Backbone model", "ft": "FT (last layer)", "ke": "KE", "tpatcher": "T-Patcher",
     "mend": "MEND", "ike": "In-Context Editing", "serac": "SERAC", "unike": "UniKE",
 }
+# Table 4's rows, in the paper's order, with its labels.
+ABLATION_LABELS: dict[str, str] = {
+    "unike-only-intrin": "only Intrin", "unike-only-latent-ike": "only Latent-IKE",
+    "unike-intrin+ike": "Intrin+IKE", "unike-intrin+latent-ike": "Intrin+Latent-IKE", "unike": "UniKE (Ours)",
+}
+ABLATIONS: frozenset[str] = frozenset(ABLATION_LABELS) - {"unike"}
 PAPER_BACKBONE_ORDER: tuple[str, ...] = ("blip2-opt", "minigpt4")
 PAPER_BACKBONE_LABELS: dict[str, str] = {"blip2-opt": "BLIP-2 OPT", "minigpt4": "MiniGPT-4"}
 
+CI_NOTE = ("Ours: mean over edit cases [95% percentile-bootstrap CI, 1000 resamples of edit cases "
+           "(whole edit sequences in sequential and cross-task editing)].")
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One metric of one (backbone, method, task), in percent."""
+    """One metric of one (backbone, method, column block), in percent."""
 
-    ours: float | None
+    ours: Estimate | None
     paper: float | None
 
     @property
     def diff(self) -> float | None:
         if self.ours is None or self.paper is None:
             return None
-        return self.ours - self.paper
+        return self.ours.mean - self.paper
+
+
+@dataclass(frozen=True)
+class Block:
+    """A group of columns: the five metrics of one (runs.task, regime) score set."""
+
+    key: str
+    label: str
+    task: str
+    regime: str
 
 
 @dataclass(frozen=True)
 class Row:
     method: str
     label: str
-    cells: dict[str, tuple[Cell, ...]]  # task -> one Cell per METRICS entry
-    n: dict[str, int]  # task -> number of our edit cases behind the means (0: none)
+    cells: dict[str, tuple[Cell, ...]]  # block key -> one Cell per METRICS entry
+    n: dict[str, int]  # block key -> number of our edit cases behind the means (0: none)
 
 
 @dataclass(frozen=True)
 class BackboneGroup:
     backbone: str | None  # our backbone name; None for a paper-only group
-    paper_backbone: str | None  # None when the paper has no such backbone
+    paper_backbone: str | None  # None when the paper has no such backbone in this table
     rows: tuple[Row, ...]
 
     @property
@@ -68,9 +92,12 @@ class BackboneGroup:
 
 
 @dataclass(frozen=True)
-class Table1:
+class MetricTable:
+    number: int
+    title: str
+    caption: str
+    blocks: tuple[Block, ...]
     groups: tuple[BackboneGroup, ...]
-    tasks: tuple[str, ...] = TASKS
     metrics: tuple[str, ...] = METRICS
 
     def row(self, backbone: str, method: str) -> Row:
@@ -82,18 +109,17 @@ class Table1:
                         return r
         raise KeyError((backbone, method))
 
-    def cell(self, backbone: str, method: str, task: str, metric: str) -> Cell:
-        return self.row(backbone, method).cells[task][METRICS.index(metric)]
+    def cell(self, backbone: str, method: str, block: str, metric: str) -> Cell:
+        return self.row(backbone, method).cells[block][METRICS.index(metric)]
 
 
 def method_label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
 
 
-def method_sort_key(method: str) -> tuple[int, str]:
-    """Paper order first, then any other method (e.g. a new baseline) alphabetically."""
-    order = PAPER_METHOD_ORDER.index(method) if method in PAPER_METHOD_ORDER else len(PAPER_METHOD_ORDER)
-    return order, method
+def method_sort_key(method: str, order: tuple[str, ...] = PAPER_METHOD_ORDER) -> tuple[int, str]:
+    """``order`` first, then any other method (e.g. a new baseline) alphabetically."""
+    return (order.index(method) if method in order else len(order)), method
 
 
 def _backbone_sort_key(paper_backbone: str | None, ours: str | None) -> tuple[int, str, str]:
@@ -103,64 +129,102 @@ def _backbone_sort_key(paper_backbone: str | None, ours: str | None) -> tuple[in
     return order, paper_backbone or "", ours or ""
 
 
-def reference_text(name: str) -> str:
-    """A packaged reference CSV (works from an installed wheel, not only the repo)."""
-    return resources.files("reports").joinpath("reference", name).read_text(encoding="utf-8")
+def backbone_groups(ours: Collection[str], paper: Collection[str],
+                    backbone_map: dict[str, str]) -> list[tuple[str | None, str | None]]:
+    """(our backbone, paper backbone) pairs in display order.
 
-
-def load_paper_table1() -> dict[tuple[str, str, str], dict[str, float]]:
-    """Paper Table 1 as {(paper_backbone, method, task): {metric: percent}}."""
-    out: dict[tuple[str, str, str], dict[str, float]] = {}
-    for rec in csv.DictReader(io.StringIO(reference_text("paper_tables_1to4.csv"))):
-        if rec["table"] == "table1":
-            out[(rec["backbone"], rec["method"], rec["task"])] = {m: float(rec[m]) for m in METRICS}
-    return out
-
-
-# Means are taken over per-case rows (never over precomputed summaries), pooled
-# over every one-step run (e.g. several seeds) of a (backbone, method, task).
-_OURS_SQL = f"""
-SELECT r.backbone, r.method, m.task, count(*) AS n,
-       {", ".join(f"100 * avg(m.{c}) AS {c}" for c in METRICS)}
-FROM edit_metrics AS m JOIN runs AS r USING (run_id)
-WHERE r.regime = 'one-step' AND m.task IN ('e-vqa', 'e-ic')
-GROUP BY r.backbone, r.method, m.task
-ORDER BY r.backbone, r.method, m.task
-"""
-
-
-def table1(con: duckdb.DuckDBPyConnection, backbone_map: dict[str, str]) -> Table1:
-    """Table 1 (one-step editing on E-VQA and E-IC), ours beside the paper's.
-
-    Groups are per *our* backbone (a tiny and a full-size model mapped to the
-    same paper backbone must not be pooled); paper backbones we have no runs for
-    are still shown, paper-only, so the full paper table stays visible.
+    One group per *our* backbone (a tiny and a full-size model mapped to the same paper
+    backbone must not be pooled); paper backbones without runs of ours are still shown,
+    paper-only, so the full paper table stays visible.
     """
-    ours: dict[tuple[str, str, str], tuple[int, dict[str, float]]] = {}
-    for backbone, method, task, n, *vals in con.execute(_OURS_SQL).fetchall():
-        ours[(backbone, method, task)] = (n, dict(zip(METRICS, vals)))
-    paper = load_paper_table1()
-
-    paper_backbones = {b for b, _, _ in paper}
     # Unmapped names fall back to themselves, so a backbone named like the paper's matches it.
-    mapped = {b: backbone_map.get(b, b) for b in sorted({b for b, _, _ in ours})}
-    mapped = {b: (p if p in paper_backbones else None) for b, p in mapped.items()}
+    mapped = {b: backbone_map.get(b, b) for b in sorted(ours)}
+    mapped = {b: (p if p in paper else None) for b, p in mapped.items()}
     specs: list[tuple[str | None, str | None]] = list(mapped.items())
-    specs += [(None, p) for p in sorted(paper_backbones - set(mapped.values()))]
+    specs += [(None, p) for p in sorted(set(paper) - set(mapped.values()))]
     specs.sort(key=lambda s: _backbone_sort_key(s[1], s[0]))
+    return specs
+
+
+def _estimates(results: Results, backbone: str | None, method: str,
+               block: Block) -> tuple[tuple[Estimate | None, ...], int]:
+    sample = results.get(backbone, method, block.task, block.regime) if backbone else None
+    if sample is None:
+        return (None,) * len(METRICS), 0
+    return tuple(estimate([sample], w) for w in np.eye(len(METRICS))), sample.n_rows
+
+
+@dataclass(frozen=True)
+class _Spec:
+    number: int
+    title: str
+    caption: str
+    blocks: tuple[Block, ...]
+    order: tuple[str, ...]
+    labels: dict[str, str]
+
+
+def _metric_table(results: Results, backbone_map: dict[str, str], spec: _Spec, include: Collection[str] | None,
+                  exclude: Collection[str], grouping: Collection[str] | None = None) -> MetricTable:
+    """Rows: every method with rows of ours in one of the blocks or in the paper's table,
+    restricted to ``include`` (when given) and without ``exclude``. A backbone of ours gets
+    a group when it has rows of a method in ``grouping`` (default: of any shown method)."""
+    def wanted(method: str) -> bool:
+        return (include is None or method in include) and method not in exclude
+
+    table_id = f"table{spec.number}"
+    blocks = {(b.task, b.regime) for b in spec.blocks}
+    paper = {(k[1], k[4]) for k in paper_tables() if k[0] == table_id and (k[2], k[3]) in blocks}
+    ours = {(b, m) for (b, m, t, r) in results.cells if (t, r) in blocks and wanted(m)}
+    ours_backbones = {b for b, m in ours if grouping is None or m in grouping}
 
     groups = []
-    for ours_b, paper_b in specs:
-        methods = {m for b, m, _ in ours if b == ours_b} | {m for b, m, _ in paper if b == paper_b}
+    for ours_b, paper_b in backbone_groups(ours_backbones, {b for b, _ in paper}, backbone_map):
+        methods = {m for b, m in ours if b == ours_b} | {m for b, m in paper if b == paper_b and wanted(m)}
         rows = []
-        for method in sorted(methods, key=method_sort_key):
+        for method in sorted(methods, key=lambda m: method_sort_key(m, spec.order)):
             cells: dict[str, tuple[Cell, ...]] = {}
             n: dict[str, int] = {}
-            for task in TASKS:
-                n_cases, our_vals = ours.get((ours_b, method, task), (0, {}))  # type: ignore[arg-type]
-                paper_vals = paper.get((paper_b, method, task), {})  # type: ignore[arg-type]
-                cells[task] = tuple(Cell(our_vals.get(m), paper_vals.get(m)) for m in METRICS)
-                n[task] = n_cases
-            rows.append(Row(method, method_label(method), cells, n))
+            for block in spec.blocks:
+                estimates, n[block.key] = _estimates(results, ours_b, method, block)
+                paper_vals = paper_tables().get((table_id, paper_b or "", block.task, block.regime, method), {})
+                cells[block.key] = tuple(Cell(e, paper_vals.get(m)) for e, m in zip(estimates, METRICS))
+            rows.append(Row(method, spec.labels.get(method, method_label(method)), cells, n))
         groups.append(BackboneGroup(ours_b, paper_b, tuple(rows)))
-    return Table1(tuple(groups))
+    return MetricTable(spec.number, spec.title, spec.caption, spec.blocks, tuple(groups))
+
+
+_TASK_BLOCKS = tuple(Block(t, TASK_LABELS[t], t, "one-step") for t in ("e-vqa", "e-ic"))
+_ELSEWHERE = "Table 4's ablation variants and Figure 4's sweeps are not repeated here."
+
+
+def table1(results: Results, backbone_map: dict[str, str], exclude: Collection[str] = ABLATIONS) -> MetricTable:
+    """Table 1: one-step editing on E-VQA and E-IC, per backbone."""
+    spec = _Spec(1, "one-step editing on E-VQA and E-IC", f"{CI_NOTE} {_ELSEWHERE}",
+                 _TASK_BLOCKS, PAPER_METHOD_ORDER, {})
+    return _metric_table(results, backbone_map, spec, None, exclude)
+
+
+def table2(results: Results, backbone_map: dict[str, str], exclude: Collection[str] = ABLATIONS) -> MetricTable:
+    """Table 2: sequential editing (K = 10, 20) on E-VQA and E-IC (paper: MiniGPT-4 only)."""
+    blocks = tuple(Block(f"{t}/{r}", f"{TASK_LABELS[t]}, {REGIME_LABELS[r]}", t, r)
+                   for t in ("e-vqa", "e-ic") for r in SEQUENTIAL_REGIMES)
+    spec = _Spec(2, "sequential editing", f"{CI_NOTE} {_ELSEWHERE}", blocks, SEQUENTIAL_METHOD_ORDER, {})
+    return _metric_table(results, backbone_map, spec, None, exclude)
+
+
+def table3(results: Results, backbone_map: dict[str, str], exclude: Collection[str] = ABLATIONS) -> MetricTable:
+    """Table 3: cross-task editing (K = 10, E-VQA and E-IC cases mixed in one sequence)."""
+    blocks = (Block("cross-task", "E-VQA + E-IC, 10-step", "cross-task", "cross-10"),)
+    caption = (f"{CI_NOTE} One score set over all E-VQA and E-IC cases of the cross-task runs, as in the paper. "
+               f"{_ELSEWHERE}")
+    spec = _Spec(3, "cross-task editing", caption, blocks, SEQUENTIAL_METHOD_ORDER, {})
+    return _metric_table(results, backbone_map, spec, None, exclude)
+
+
+def table4(results: Results, backbone_map: dict[str, str]) -> MetricTable:
+    """Table 4: ablations of UniKE, one-step editing on E-VQA and E-IC (paper: MiniGPT-4)."""
+    spec = _Spec(4, "ablation study (one-step editing)", CI_NOTE, _TASK_BLOCKS, tuple(ABLATION_LABELS),
+                 ABLATION_LABELS)
+    # A backbone with UniKE runs but no ablation runs has nothing to show here.
+    return _metric_table(results, backbone_map, spec, ABLATION_LABELS, (), grouping=ABLATIONS)

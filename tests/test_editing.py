@@ -134,3 +134,18 @@ def test_trained_editor_needs_its_prepared_folder(backbone, vqa_cases, tmp_path)
     assert Memorizer(backbone, prepared=tmp_path).prepared == tmp_path
     with pytest.raises(NotImplementedError):
         Editor.prepare(backbone, None, [], tmp_path, 0)
+
+
+def test_variants_that_agree_on_what_prepare_reads_share_one_prepared_folder():
+    from unike.editing import prepare_owners
+
+    methods = {
+        "backbone": {"editor": "unike.editing:NoEdit"},  # needs no preparation: no owner
+        "ft": {"editor": "baselines.ft:FineTune"},
+        # T-Patcher's preparation reads every hyperparameter (prepare_hparams None): a
+        # different lr is a different preparation, the same values (defaults spelled out) are not.
+        "tp": {"editor": "baselines.tpatcher:TPatcher", "hparams": {"lr": 0.01}},
+        "tp-same": {"editor": "baselines.tpatcher:TPatcher", "hparams": {"lr": 0.01}},
+        "tp-other": {"editor": "baselines.tpatcher:TPatcher", "hparams": {"lr": 0.5}},
+    }
+    assert prepare_owners(methods) == {"tp": "tp", "tp-same": "tp", "tp-other": "tp-other"}

@@ -1,5 +1,6 @@
 """UniKE's knowledge pipeline: triplets, hidden states at the intended tokens, encoders."""
 
+import pytest
 import torch
 
 from unike.backbones import Sample
@@ -62,3 +63,79 @@ def test_loss_values_on_hand_computed_cases():
 def test_triplet_groups_join_the_same_question():
     ts = [Triplet("a.png", "q1", "x", "y"), Triplet("b.png", "q1", "x", "y"), Triplet("a.png", "q2", "x", "y")]
     assert triplet_groups(ts).tolist() == [0, 0, 1]
+
+
+# ---------------------------------------------------------------- Figure 5a: t-SNE of the spaces
+def _one_nn_agreement(y: torch.Tensor, labels: torch.Tensor) -> float:
+    d = torch.cdist(y, y)
+    d.fill_diagonal_(float("inf"))
+    return float((labels[d.argmin(1)] == labels).double().mean())
+
+
+def test_tsne_separates_two_gaussian_clusters_deterministically():
+    from unike.method.tsne import TSNEConfig, tsne
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(40, 10, generator=g), torch.randn(40, 10, generator=g) + 6.0])
+    labels = torch.arange(80) // 40
+    y, kl = tsne(x, TSNEConfig(perplexity=10, seed=1))
+    assert _one_nn_agreement(y, labels) > 0.95 and 0 < kl < 1.0
+    again, kl_again = tsne(x, TSNEConfig(perplexity=10, seed=1))
+    assert torch.equal(y, again) and kl == kl_again
+    assert not torch.equal(y, tsne(x, TSNEConfig(perplexity=10, seed=2))[0])
+
+
+def test_tsne_rows_are_calibrated_to_the_perplexity():
+    from unike.method.tsne import affinities, conditionals
+
+    x = torch.randn(50, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4
+    p = conditionals(x, 12.0)
+    entropy = -(p * p.clamp(min=1e-300).log()).sum(1)
+    torch.testing.assert_close(entropy.exp(), torch.full((50,), 12.0, dtype=torch.float64), rtol=1e-4, atol=0)
+    joint = affinities(x, 12.0)
+    torch.testing.assert_close(joint, joint.T)
+    assert float(joint.sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_embed_spaces_separates_truthfulness_not_semantics(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from unike.method.encoders import embed_spaces, pretrain_encoders
+    from unike.method.knowledge import save_hidden_states, save_triplets
+    from unike.method.tsne import TSNEConfig
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 48, 16
+    topic, truth = 3 * torch.randn(n, d, generator=g), torch.randn(d, generator=g)
+    states = {}
+    for layer, shift in ((0, torch.zeros(d)), (1, truth)):  # only the last layer knows the truth
+        states.update({f"sem.{layer}": topic + 0.1 * torch.randn(n, d, generator=g),
+                       f"pos.{layer}": topic + shift, f"neg.{layer}": topic - shift})
+    save_triplets(tmp_path / "triplets.json", [Triplet(None, f"q{i}", "yes", "no") for i in range(n)])
+    save_hidden_states(tmp_path / "hidden_states.safetensors", states, [0, 1])
+    pretrain_encoders(tmp_path, EncoderConfig(truth_dim=8, hidden=32, lr=1e-3, steps=200, batch_size=32))
+    out = tmp_path / "spaces.parquet"
+    summary = embed_spaces(tmp_path, out, 40, TSNEConfig(perplexity=10))
+    table = pq.read_table(out)
+    assert [(f.name, str(f.type)) for f in table.schema] == [
+        ("space", "string"), ("polarity", "string"), ("triplet", "int64"), ("x", "double"), ("y", "double")]
+    assert json.loads(table.schema.metadata[b"tsne"]) == summary and summary["layer"] == 1
+    assert set(summary["kl"]) == {"semantic", "truthfulness"}
+    rows = table.to_pylist()
+    chosen = [r["triplet"] for r in rows if r["space"] == "semantic" and r["polarity"] == "positive"]
+    assert len(chosen) == len(set(chosen)) == 40 and set(chosen) <= set(range(n))
+    for space in ("semantic", "truthfulness"):
+        for polarity in ("positive", "negative"):
+            assert [r["triplet"] for r in rows if (r["space"], r["polarity"]) == (space, polarity)] == chosen
+    agreement = {}
+    for space in ("semantic", "truthfulness"):
+        part = [r for r in rows if r["space"] == space]
+        y = torch.tensor([[r["x"], r["y"]] for r in part])
+        agreement[space] = _one_nn_agreement(y, torch.tensor([r["polarity"] == "positive" for r in part]))
+    # Figure 5a's claim: positives and negatives mix in the semantic space (a positive's
+    # neighbour is mostly its own negative) and separate in the truthfulness space.
+    assert agreement["truthfulness"] > 0.9 and agreement["semantic"] < 0.5
+    embed_spaces(tmp_path, tmp_path / "again.parquet", 40, TSNEConfig(perplexity=10))
+    assert pq.read_table(tmp_path / "again.parquet").equals(table)

@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from unike.backbones import Sample, load_backbone
-from unike.config import Cell, format_missing, grid_cells, load_config, missing_paths
+from unike.config import Cell, format_missing, grid_cells, merge_overlays, missing_paths, validate
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER = REPO / "configs" / "paper.yaml"
@@ -31,18 +31,31 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def paper() -> dict:
-    return load_config(PAPER)
+    """The effective paper configuration: configs/paper.yaml merged over config.yaml."""
+    config = merge_overlays(*(yaml.safe_load(p.read_text()) for p in (REPO / "config.yaml", PAPER)))
+    validate(config)
+    return config
 
 
 def test_paper_config_is_complete_and_lists_the_paper_grid(paper):
     cells = set(grid_cells(paper))
-    for method in ("backbone", "ft"):
+    baselines = ("ft", "ke", "tpatcher", "mend", "serac", "unike")
+    for method in ("backbone", "ike", *baselines):  # Table 1
         for backbone in ("blip2-opt-2.7b", "minigpt4-7b"):
             for task in ("e-vqa", "e-ic"):
                 assert Cell(method, backbone, task, "one-step") in cells
-    for task in ("e-vqa", "e-ic"):
-        assert {Cell("ft", "minigpt4-7b", task, r) for r in ("seq-10", "seq-20")} <= cells
-    assert Cell("ft", "minigpt4-7b", "cross-task", "cross-10") in cells
+    for method in baselines:  # Tables 2 and 3: sequential and cross-task on MiniGPT-4, without IKE
+        for task in ("e-vqa", "e-ic"):
+            assert {Cell(method, "minigpt4-7b", task, r) for r in ("seq-10", "seq-20")} <= cells
+        assert Cell(method, "minigpt4-7b", "cross-task", "cross-10") in cells
+    assert not {c for c in cells if c.method == "ike" and c.regime != "one-step"}
+    for task in ("e-vqa", "e-ic"):  # Table 4
+        for variant in ("unike-only-intrin", "unike-only-latent-ike", "unike-intrin+ike", "unike-intrin+latent-ike"):
+            assert Cell(variant, "minigpt4-7b", task, "one-step") in cells
+    figure4 = paper["report"]["figure4"]  # every point of Figure 4 is a cell of the grid
+    points = [*figure4["a"]["latent-ike"].values(), *figure4["a"]["ike"].values(), *figure4["b"]["fixed"].values(),
+              figure4["b"]["adaptive"], *figure4["c"].values()]
+    assert {Cell(m, figure4["backbone"], figure4["task"], "one-step") for m in points} <= cells
     assert {b["paper_name"] for b in paper["backbones"].values()} == {"blip2-opt", "minigpt4"}
     assert paper["data"]["source"] == "mmedit" and paper["device"] == "cuda" and paper["dtype"] == "bfloat16"
 

@@ -6,50 +6,89 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from reports.paper import paper_table5, paper_tables
 from reports.render import render_report, tex_escape
-from reports.tables import load_paper_table1, table1
+from reports.results import SCORES, Results
+from reports.stats import Sample, estimate
+from reports.summary import table5
+from reports.tables import table1, table2, table3, table4
+from unike.store import aggregate, open_readonly, write_run
 
 # Our backbone names -> the paper backbone they are compared against (config: paper_name).
 BACKBONE_MAP = {"tiny-blip2-opt": "blip2-opt", "tiny-minigpt4": "minigpt4"}
-from unike.store import aggregate, open_readonly, write_run
-
 REPO = Path(__file__).resolve().parents[1]
+OUTPUTS = [f"tables/table{n}.{fmt}" for n in range(1, 6) for fmt in ("md", "html", "tex")] + ["index.html"]
 
 
-def _row(run_id: str, i: int, task: str, rel: float) -> dict:
+def _row(run_id: str, i: int, task: str, rel: float, seq: int | None = None, gen: float = 0.5,
+         loc: float = 1.0) -> dict:
     return {
-        "run_id": run_id, "case_id": f"c{i}", "task": task, "sequence_id": 0,
-        "rel": rel, "t_gen": 0.5, "m_gen": 0.5, "t_loc": 1.0, "m_loc": 1.0,
-        "rel_em": rel, "t_gen_em": 0.5, "m_gen_em": 0.5, "edit_s": 0.01,
+        "run_id": run_id, "case_id": f"c{i}", "task": task, "sequence_id": i if seq is None else seq,
+        "rel": rel, "t_gen": gen, "m_gen": gen, "t_loc": loc, "m_loc": loc,
+        "rel_em": rel, "t_gen_em": gen, "m_gen_em": gen, "edit_s": 0.01,
     }
 
 
-def _run(tmp: Path, run_id: str, method: str, task: str, rels: list[float], regime: str = "one-step",
-         device: str = "cpu") -> tuple[Path, Path]:
+def _run(tmp: Path, run_id: str, method: str, task: str, rows: list[dict] | list[float], regime: str = "one-step",
+         device: str = "cpu", backbone: str = "tiny-blip2-opt") -> tuple[Path, Path]:
+    """A run file pair; ``rows`` are per-edit rows, or just their rel values (one-step)."""
+    if rows and not isinstance(rows[0], dict):
+        rows = [_row(run_id, i, task, r) for i, r in enumerate(rows)]
+    rows = [{**r, "run_id": run_id} for r in rows]
     prov = {
-        "run_id": run_id, "method": method, "backbone": "tiny-blip2-opt", "task": task, "regime": regime,
-        "seed": 0, "n_edits": len(rels), "config_hash": "cfg" + run_id, "code_version": "v1",
+        "run_id": run_id, "method": method, "backbone": backbone, "task": task, "regime": regime,
+        "seed": 0, "n_edits": len(rows), "config_hash": "cfg" + run_id, "code_version": "v1",
         "metric_version": "1", "device": device, "wall_s": 3.0, "edit_s_mean": 0.01, "peak_mem_mb": 100.0,
     }
     files = tmp / f"{run_id}.parquet", tmp / f"{run_id}.json"
-    write_run(*files, [_row(run_id, i, task, r) for i, r in enumerate(rels)], prov)
+    write_run(*files, rows, prov)
     return files
+
+
+def _seq_rows(task: str, sequences: list[list[float]]) -> list[dict]:
+    rows, i = [], 0
+    for s, rels in enumerate(sequences):
+        for rel in rels:
+            rows.append(_row("", i, task, rel, seq=s))
+            i += 1
+    return rows
 
 
 @pytest.fixture(scope="module")
 def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("runs")
+    mg = "tiny-minigpt4"
     files = [
         _run(tmp, "ft-vqa", "ft", "e-vqa", [1.0, 0.5]),
         # A sequential run must not leak into Table 1 (it would pull the mean to 50.0).
         _run(tmp, "ft-vqa-seq", "ft", "e-vqa", [0.0, 0.0], regime="seq-10"),
         _run(tmp, "new-vqa", "newbaseline", "e-vqa", [0.25, 0.25, 0.25], device="<gpu & co>"),
+        # Table 2: two sequences of whole-sequence scores 100 and 0 -> 50; two seeds pool.
+        _run(tmp, "mend-seq10-s0", "mend", "e-ic", _seq_rows("e-ic", [[1.0, 1.0], [0.0, 0.0]]), "seq-10", backbone=mg),
+        _run(tmp, "mend-seq10-s1", "mend", "e-ic", _seq_rows("e-ic", [[0.5, 0.5]]), "seq-10", backbone=mg),
+        # Table 3: one mixed score set over E-VQA and E-IC cases of the cross-task run.
+        _run(tmp, "unike-cross", "unike", "cross-task",
+             [_row("", 0, "e-vqa", 1.0, 0), _row("", 1, "e-ic", 0.0, 0), _row("", 2, "e-ic", 0.5, 0)],
+             "cross-10", backbone=mg),
+        # Table 4: an ablation; Table 5 weighting: UniKE's two one-step cells of unequal size.
+        _run(tmp, "only-intrin-vqa", "unike-only-intrin", "e-vqa", [0.5, 0.0], backbone=mg),
+        _run(tmp, "unike-vqa", "unike", "e-vqa",
+             [_row("", i, "e-vqa", 1.0, gen=g, loc=1.0) for i, g in enumerate([1.0, 0.0])], backbone=mg),
+        _run(tmp, "unike-ic", "unike", "e-ic",
+             [_row("", i, "e-ic", 0.0, gen=0.5, loc=0.5) for i in range(4)], backbone=mg),
     ]
     path = tmp / "results.duckdb"
     aggregate(files, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def results(db: Path) -> Results:
+    with open_readonly(db) as con:
+        return Results.load(con)
 
 
 @pytest.fixture(scope="module")
@@ -59,24 +98,112 @@ def out(db: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_table1_values(db: Path) -> None:
-    with open_readonly(db) as con:
-        t = table1(con, BACKBONE_MAP)
+def test_table1_values(results: Results) -> None:
+    t = table1(results, BACKBONE_MAP)
     c = t.cell("tiny-blip2-opt", "ft", "e-vqa", "rel")
-    assert c.ours == pytest.approx(75.0) and c.paper == 58.7 and c.diff == pytest.approx(16.3)
+    assert c.ours.mean == pytest.approx(75.0) and c.paper == 58.7 and c.diff == pytest.approx(16.3)
+    # Two cases (100, 50): a resample mean is 100, 75 or 50, each extreme with probability 1/4.
+    assert (c.ours.lo, c.ours.hi) == (50.0, 100.0)
     assert t.row("tiny-blip2-opt", "ft").n == {"e-vqa": 2, "e-ic": 0}
     assert t.cell("tiny-blip2-opt", "ft", "e-ic", "rel").ours is None
     assert t.cell("tiny-blip2-opt", "newbaseline", "e-vqa", "rel").paper is None
-    # Paper-order rows first, the new baseline last; minigpt4 is shown paper-only.
+    # Paper-order rows first, the new baseline last; the ablation belongs to Table 4 only.
     group = t.groups[0]
     assert [r.method for r in group.rows] == ["backbone", "ft", "ke", "tpatcher", "mend", "ike", "serac",
                                               "unike", "newbaseline"]
-    assert [g.label for g in t.groups] == ["tiny-blip2-opt (paper: BLIP-2 OPT)", "MiniGPT-4 (paper only)"]
-    assert t.cell("minigpt4", "unike", "e-ic", "m_loc").paper == 87.3
+    assert [g.label for g in t.groups] == ["tiny-blip2-opt (paper: BLIP-2 OPT)", "tiny-minigpt4 (paper: MiniGPT-4)"]
+    assert "unike-only-intrin" not in [r.method for r in t.groups[1].rows]
+    assert t.cell("tiny-minigpt4", "unike", "e-ic", "m_loc").paper == 87.3
+    assert t.cell("tiny-minigpt4", "unike", "e-ic", "m_loc").ours.mean == pytest.approx(50.0)
+
+
+def test_table2_resamples_whole_sequences(results: Results) -> None:
+    t = table2(results, BACKBONE_MAP)
+    # The paper has no sequential BLIP-2 OPT: that group of ours comes after the paper's backbones.
+    assert [g.label for g in t.groups] == ["tiny-minigpt4 (paper: MiniGPT-4)", "tiny-blip2-opt (not in paper)"]
+    assert [r.method for r in t.groups[0].rows] == ["ft", "ke", "tpatcher", "mend", "serac", "unike"]
+    c = t.cell("tiny-minigpt4", "mend", "e-ic/seq-10", "rel")
+    # Rows 100, 100, 0, 0 (seed 0) and 50, 50 (seed 1) pool to 50.
+    assert c.ours.mean == pytest.approx(50.0) and c.paper == 90.2
+    assert t.row("tiny-minigpt4", "mend").n == {"e-vqa/seq-10": 0, "e-vqa/seq-20": 0, "e-ic/seq-10": 6,
+                                                 "e-ic/seq-20": 0}
+    # Three units (the sequences, means 100, 0 and 50), so a resample mean is a multiple of 50/3;
+    # resampling the six cases one by one would also give odd multiples of 50/6, e.g. 8.3.
+    sample = results.get("tiny-minigpt4", "mend", "e-ic", "seq-10")
+    assert sample.n_units == 3
+    reps = set(np.round(sample.replicates[:, 0], 6))
+    assert reps <= {round(k * 50 / 3, 6) for k in range(7)} and len(reps) > 3
+    assert t.cell("tiny-blip2-opt", "ft", "e-vqa/seq-10", "rel").ours.mean == 0.0
+    assert t.cell("tiny-blip2-opt", "ft", "e-vqa/seq-10", "rel").paper is None
+
+
+def test_table3_is_one_mixed_score_set(results: Results) -> None:
+    t = table3(results, BACKBONE_MAP)
+    c = t.cell("tiny-minigpt4", "unike", "cross-task", "rel")
+    assert c.ours.mean == pytest.approx(50.0) and c.paper == 90.7  # (100 + 0 + 50) / 3
+    assert t.row("tiny-minigpt4", "unike").n == {"cross-task": 3}
+    # One sequence: nothing to resample, the interval collapses onto the mean.
+    assert (c.ours.lo, c.ours.hi) == pytest.approx((50.0, 50.0))
+
+
+def test_table4_rows_and_labels(results: Results) -> None:
+    t = table4(results, BACKBONE_MAP)
+    assert [g.label for g in t.groups] == ["tiny-minigpt4 (paper: MiniGPT-4)"]  # blip2-opt has no ablation runs
+    assert [r.label for r in t.groups[0].rows] == ["only Intrin", "only Latent-IKE", "Intrin+IKE",
+                                                   "Intrin+Latent-IKE", "UniKE (Ours)"]
+    assert t.cell("tiny-minigpt4", "unike-only-intrin", "e-vqa", "rel").ours.mean == pytest.approx(25.0)
+    assert t.cell("tiny-minigpt4", "unike-only-intrin", "e-vqa", "rel").paper == 83.5
+    assert t.cell("tiny-minigpt4", "unike-intrin+ike", "e-ic", "m_loc").ours is None
+
+
+def test_table5_weights_cells_equally(results: Results) -> None:
+    t = table5(results)
+    unike = t.row("unike")
+    # Cells: E-VQA (2 cases, rel 100) and E-IC (4 cases, rel 0). Equal cell weights give 50,
+    # pooling the six cases would give 33.3.
+    rel = t.cell("unike", "one-step", "reliability")
+    assert rel.ours.mean == pytest.approx(50.0) and unike.k["one-step"] == 2
+    assert t.cell("unike", "one-step", "generality").ours.mean == pytest.approx((50.0 + 50.0) / 2)
+    assert t.cell("unike", "one-step", "locality").ours.mean == pytest.approx((100.0 + 50.0) / 2)
+    assert rel.printed == 98.0 and rel.recomputed == pytest.approx(97.975)
+    # Sequential: only one cell of ours; the paper has no sequential IKE.
+    assert t.cell("mend", "sequential", "reliability").ours.mean == pytest.approx(50.0)
+    assert t.row("mend").k == {"one-step": 0, "sequential": 1}
+    assert t.cell("ike", "sequential", "reliability").printed is None
+    assert [r.method for r in t.rows] == ["ft", "ke", "tpatcher", "mend", "ike", "serac", "unike", "newbaseline"]
+
+
+def test_table5_recomputes_and_flags_the_paper() -> None:
+    t = table5(Results({}))
+    ft = t.cell("ft", "one-step", "reliability")
+    assert ft.printed == 64.3 and ft.recomputed == pytest.approx((58.7 + 61.1 + 70.1 + 67.4) / 4) and not ft.flagged
+    ke = t.cell("ke", "one-step", "locality")
+    expected = np.mean([(93.8 + 66.4) / 2, (95.0 + 64.3) / 2, (96.9 + 67.8) / 2, (97.3 + 64.4) / 2])
+    assert ke.printed == 72.4 and ke.recomputed == pytest.approx(expected) and ke.flagged
+    assert t.cell("mend", "one-step", "reliability").flagged
+    assert not any(c.flagged for r in t.rows for c in r.cells["sequential"])
+    assert any(n.startswith("KE, one-step editing, locality: the paper prints 72.4") for n in t.notes)
+    assert len(t.notes) == 3
+    assert t.cell("ft", "one-step", "reliability").ours is None
+
+
+def test_bootstrap_is_deterministic_and_contains_the_mean() -> None:
+    rng = np.random.default_rng(1)
+    values = rng.uniform(0, 100, size=(50, 5))
+    units = np.arange(50)
+    a = estimate([Sample("k", values, units)], SCORES["generality"])
+    b = estimate([Sample("k", values.copy(), units.copy())], SCORES["generality"])
+    assert a == b and a.lo < a.mean < a.hi
+    assert a.mean == pytest.approx(values[:, 1:3].mean())
+    # The key seeds the resampling: another cell with the same data draws other resamples.
+    assert estimate([Sample("other", values, units)], SCORES["generality"]) != a
 
 
 def test_reference_is_packaged() -> None:
-    assert len(load_paper_table1()) == 32  # 2 backbones x 8 methods x 2 tasks
+    tables = paper_tables()
+    assert sum(k[0] == "table1" for k in tables) == 32  # 2 backbones x 8 methods x 2 tasks
+    assert sum(k[0] == "table2" for k in tables) == 24 and sum(k[0] == "table3" for k in tables) == 6
+    assert sum(k[0] == "table4" for k in tables) == 10 and len(paper_table5()) == 13
 
 
 def test_rendered_files(out: Path) -> None:
@@ -85,20 +212,31 @@ def test_rendered_files(out: Path) -> None:
     tex = (out / "tables/table1.tex").read_text(encoding="utf-8")
     index = (out / "index.html").read_text(encoding="utf-8")
 
-    assert "| FT (last layer) | 75.0 (58.7, +16.3) |" in md
-    assert re.search(r"^\| newbaseline \| 25\.0 \(–\) \|.* 3 \|", md, re.M)
+    assert "| FT (last layer) | 75.0 [50.0, 100.0] (58.7, +16.3) |" in md
+    assert re.search(r"^\| newbaseline \| 25\.0 \[25\.0, 25\.0\] \(–\) \|.* 3 \|", md, re.M)
     assert "– (85.3)" in md  # paper-only cell (KE, E-VQA Rel.)
     for text in (html, index):
-        assert "75.0<br><small>(58.7, +16.3)</small>" in text
+        assert '75.0 <span class="ci">[50.0, 100.0]</span><br><small>(58.7, +16.3)</small>' in text
         assert 'title="paper 58.7; ours − paper +16.3"' in text
         assert "<td class=\"method\">newbaseline</td>" in text
-    assert r"75.0\,{\tiny(58.7)}" in tex and "\nnewbaseline & 25.0" in tex
+    assert r"75.0\,{\tiny[50.0, 100.0]}\,{\tiny(58.7)}" in tex and "\nnewbaseline & 25.0" in tex
     assert tex.startswith("\\begin{table*}") and r"\toprule" in tex and r"\bottomrule" in tex
     assert r"\cmidrule(lr){2-7}\cmidrule(lr){8-13}" in tex
+    assert "95% percentile-bootstrap CI" in md and r"95\% CI" in tex
+
+    t5 = (out / "tables/table5.md").read_text(encoding="utf-8")
+    assert "| UniKE | 50.0 [" in t5 and "(98.0 / 98.0, -48.0)" in t5
+    assert "(72.4† / 80.7" in t5 and "† KE, one-step editing, locality: the paper prints 72.4" in t5
+    assert "$^\\dagger$" in (out / "tables/table5.tex").read_text(encoding="utf-8")
+    assert '<td class="num flag">' in (out / "tables/table5.html").read_text(encoding="utf-8")
+    t3 = (out / "tables/table3.md").read_text(encoding="utf-8")
+    assert "| UniKE | 50.0 [50.0, 50.0] (90.7, -40.7) |" in t3
 
     # Offline page: no external resources, links to the other formats, provenance, autoescape.
     assert "http" not in index and "<script" not in index
-    assert 'href="tables/table1.md"' in index and 'href="tables/table1.tex"' in index
+    for n in range(1, 6):
+        assert f'href="tables/table{n}.md"' in index and f'href="tables/table{n}.tex"' in index
+        assert f'id="table{n}"' in index
     assert "NeurIPS 2024" in index and "per-edit rows" in index
     assert "<td>ft-vqa-seq</td><td>ft</td>" in index and "<td>cfgft-vqa</td>" in index
     assert "&lt;gpu &amp; co&gt;" in index and "<gpu" not in index
@@ -107,9 +245,21 @@ def test_rendered_files(out: Path) -> None:
 def test_render_is_deterministic_and_read_only(db: Path, out: Path, tmp_path: Path) -> None:
     before = hashlib.sha256(db.read_bytes()).hexdigest()
     render_report(db, tmp_path, BACKBONE_MAP)
-    for rel in ("index.html", "tables/table1.md", "tables/table1.html", "tables/table1.tex"):
+    for rel in OUTPUTS + ["figures/gen-vs-loc.png", "figures/gen-vs-loc.pdf"]:
         assert (tmp_path / rel).read_bytes() == (out / rel).read_bytes(), rel
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
+def test_empty_db_shows_the_paper(tmp_path: Path) -> None:
+    """A smoke DB may lack whole regimes; an empty one must still render every table."""
+    aggregate([], tmp_path / "empty.duckdb")
+    render_report(tmp_path / "empty.duckdb", tmp_path / "report", BACKBONE_MAP)
+    t2 = (tmp_path / "report/tables/table2.md").read_text(encoding="utf-8")
+    assert "| **MiniGPT-4 (paper only)** |" in t2 and "| UniKE | – (91.5) |" in t2
+    t5 = (tmp_path / "report/tables/table5.md").read_text(encoding="utf-8")
+    assert "| FT (last layer) | – (64.3 / 64.3) |" in t5
+    assert "no one-step runs" not in t5  # the figure says so, not the table
+    assert (tmp_path / "report/figures/gen-vs-loc.png").stat().st_size > 0
 
 
 def test_tex_escape() -> None:
@@ -120,8 +270,30 @@ def test_tex_escape() -> None:
 
 def test_reports_do_not_import_model_code() -> None:
     code = (
-        "import sys, reports.render, reports.tables\n"
+        "import sys, reports.render, reports.tables, reports.figures, reports.summary\n"
+        "import matplotlib\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'unike'))\n"
         "assert not bad, bad\n"
+        "assert 'matplotlib.pyplot' not in sys.modules  # the Agg canvas only, no GUI backend\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_cli_passes_the_report_section_and_spaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from unike import cli
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["out_dir"] = str(tmp_path / "out")
+    config["report"] = {"figure4": {"backbone": "tiny-minigpt4", "task": "e-vqa", "b": {"adaptive": "unike"}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    calls = []
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # the CLI sets these; keep them out of other tests
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setattr("reports.render.render_report", lambda *a: calls.append(a))
+    spaces = str(tmp_path / "out/knowledge/tiny-minigpt4/spaces.parquet")
+    cli.main(["report", "--config", str(tmp_path / "config.yaml"), "--spaces", spaces])
+    db, report, backbone_map, figure4, given = calls[0]
+    assert backbone_map == BACKBONE_MAP and figure4 == config["report"]["figure4"]
+    assert given == {"tiny-minigpt4": Path(spaces)} and report == tmp_path / "out/report"

@@ -4,7 +4,9 @@ pipeline functions (triplets -> hidden states -> encoders)."""
 import pytest
 import torch
 
+from baselines.ike import IKE
 from unike.data import case_samples, edit_sample
+from unike.incontext import DEMO_SEPARATOR
 from unike.method.editor import UniKE, UniKEHparams
 from unike.method.encoders import EncoderConfig, pretrain_encoders
 from unike.method.knowledge import (collect_triplets, extract_hidden_states, last_prompt_positions,
@@ -24,6 +26,18 @@ def unike_dirs(backbone, vqa_cases, caption_cases, tmp_path):
     save_hidden_states(knowledge / "hidden_states.safetensors", extract_hidden_states(backbone, triplets, layers), layers)
     pretrain_encoders(knowledge, EncoderConfig(truth_dim=8, hidden=32, steps=20, batch_size=8))
     UniKE.prepare(backbone, UniKEHparams(memory_size=2000), train, prepared, 0, knowledge=knowledge)
+    return knowledge, prepared
+
+
+@pytest.fixture
+def ike_dirs(backbone, vqa_cases, caption_cases, unike_dirs, tmp_path):
+    """The same knowledge, prepared for `external: ike` (FFN memory + demonstration bank)."""
+    knowledge, _ = unike_dirs
+    prepared = tmp_path / "prepared-ike"
+    prepared.mkdir()
+    summary = UniKE.prepare(backbone, UniKEHparams(memory_size=2000, external="ike"), vqa_cases[2:] + caption_cases,
+                            prepared, 0, knowledge=knowledge)
+    assert summary["demo_bank"]["n_demos"] == 3 * (len(vqa_cases) - 2 + len(caption_cases))
     return knowledge, prepared
 
 
@@ -101,3 +115,83 @@ def test_zeta_variants(backbone, unike_dirs):
     assert not torch.allclose(rand.zeta[layer], full.zeta[layer])
     with pytest.raises(ValueError, match="unknown variant"):
         _unike(backbone, unike_dirs, zeta="sideways")
+
+
+# ---------------------------------------------------------------- Intrin+IKE (Table 4 row 3)
+def _contains(row: list[int], part: list[int]) -> bool:
+    return any(row[i : i + len(part)] == part for i in range(len(row) - len(part) + 1))
+
+
+def test_intrin_ike_scored_inputs_carry_the_retrieved_demonstrations(backbone, vqa_cases, ike_dirs):
+    editor = _unike(backbone, ike_dirs, external="ike", zeta="none", ike_k=3, max_steps=5)
+    assert editor.latent is None and not editor.supports_sequential
+    case = vqa_cases[0]
+    seen = []
+    forward = editor._forward
+    editor._forward = lambda batch: seen.append(batch) or forward(batch)
+    editor.edit(case)
+    seen.clear()
+    editor.predict(case_samples(case))
+    demos = editor.demonstrations
+    top = demos.demos[demos.retrieved[0][0]]
+    top_ids = backbone.tokenizer(top + DEMO_SEPARATOR, add_special_tokens=False)["input_ids"]
+    (batch,) = seen
+    assert len(demos.retrieved) == 3
+    rows = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask)]
+    assert all(_contains(row, top_ids) for row in rows)
+    with pytest.raises(RuntimeError, match="one edit"):
+        editor.edit(vqa_cases[1])
+    editor.restore()
+    seen.clear()
+    editor.predict(case_samples(case))  # restored: the bare inputs again
+    assert not any(_contains(row.tolist(), top_ids) for row in seen[0].input_ids)
+
+
+def test_intrin_ike_without_neurons_is_the_ike_baseline(backbone, vqa_cases, caption_cases, ike_dirs, tmp_path):
+    bank = tmp_path / "ike-bank"
+    bank.mkdir()
+    IKE.prepare(backbone, IKE.Hparams(), vqa_cases[2:] + caption_cases, bank, 0)
+    ike = IKE(backbone, {"k": 4}, bank)
+    ours = _unike(backbone, ike_dirs, intrinsic=False, external="ike", zeta="none", ike_k=4)
+    for case in vqa_cases[:2] + caption_cases[:2]:
+        ike.edit(case)
+        ours.edit(case)
+        assert ours.demonstrations.retrieved == ike.demonstrations.retrieved
+        (p_ike, t_ike), (p_ours, t_ours) = ike.predict(case_samples(case)), ours.predict(case_samples(case))
+        assert all(torch.equal(a, b) for a, b in zip(p_ike + t_ike, p_ours + t_ours))
+        ike.restore()
+        ours.restore()
+
+
+def test_intrin_ike_fixes_the_mistake_and_restores_exactly(backbone, vqa_cases, ike_dirs):
+    case = vqa_cases[0]
+    weights = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    samples = case_samples(vqa_cases[1])
+    untouched = backbone.logits(backbone.encode(samples))
+    editor = _unike(backbone, ike_dirs, external="ike", zeta="none", max_steps=200)
+    (pred,), (target,) = editor.predict([edit_sample(case)])
+    assert not torch.equal(pred, target)
+    editor.edit(case)
+    (pred,), (target,) = editor.predict([edit_sample(case)])
+    assert torch.equal(pred, target)
+    editor.restore()
+    assert all(torch.equal(weights[k], v) for k, v in backbone.model.state_dict().items())
+    assert torch.equal(editor._forward(backbone.encode(samples)), untouched)
+
+
+def test_alpha_needs_latent_knowledge(backbone, ike_dirs):
+    with pytest.raises(ValueError, match="alpha weighs latent knowledge"):
+        _unike(backbone, ike_dirs, external="ike", alpha=0.5)
+
+
+def test_intrin_ike_variants_share_a_prepared_folder_only_with_each_other():
+    from unike.editing import prepare_owners
+
+    spec, base = "unike.method.editor:UniKE", {"memory_size": 5000, "top_k": 40}
+    methods = {"unike": {"editor": spec, "hparams": base},
+               "unike-intrin+latent-ike-k8": {"editor": spec, "hparams": {**base, "alpha": 0.5, "top_k": 8}},
+               "unike-intrin+ike": {"editor": spec, "hparams": {**base, "external": "ike", "zeta": "none"}},
+               "unike-intrin+ike-k8": {"editor": spec, "hparams": {**base, "external": "ike", "ike_k": 8}}}
+    assert prepare_owners(methods) == {"unike": "unike", "unike-intrin+latent-ike-k8": "unike",
+                                       "unike-intrin+ike": "unike-intrin+ike",
+                                       "unike-intrin+ike-k8": "unike-intrin+ike"}

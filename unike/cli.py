@@ -131,12 +131,15 @@ def cmd_prepare_editor(args) -> None:
     """Train what a method needs (once per backbone and task) on the train split."""
     config, layout = _setup(args)
     _torch_setup(config)
-    from unike.editing import parse_hparams, resolve_editor
+    from unike.editing import parse_hparams, prepare_owners, resolve_editor
 
     method = config["methods"][args.method]
     cls = resolve_editor(method["editor"])
     if not cls.needs_training:
         raise SystemExit(f"{args.method} ({method['editor']}) needs no preparation")
+    owner = prepare_owners(config["methods"])[args.method]
+    if owner != args.method:
+        raise SystemExit(f"{args.method} uses the folder prepared for {owner} (same editor and preparation)")
     backbone = _load_backbone(config, layout, args.backbone)
     cases = _train_cases(config, layout, args.backbone, args.task)
     out_dir = layout.prepared(args.method, args.backbone, args.task)
@@ -194,6 +197,21 @@ def cmd_pretrain_encoders(args) -> None:
     log.info("encoders of layers %s trained", report["layers"])
 
 
+def cmd_embed_spaces(args) -> None:
+    """UniKE, Figure 5a: the semantic and truthfulness spaces of the last edited layer in 2-D (t-SNE)."""
+    config, layout = _setup(args)
+    _torch_setup(config)
+    from unike.method.encoders import embed_spaces
+    from unike.method.tsne import TSNEConfig
+
+    knowledge = config.get("knowledge", {})
+    out = layout.knowledge(args.backbone)
+    summary = embed_spaces(out, out / "spaces.parquet", knowledge.get("spaces_points", 500),
+                           TSNEConfig(**{"seed": config["seed"], **knowledge.get("tsne", {})}))
+    log.info("spaces of layer %d (%d triplets) written; t-SNE KL %s", summary["layer"], summary["n_triplets"],
+             summary["kl"])
+
+
 def cmd_cache_pre_edit(args) -> None:
     config, layout = _setup(args)
     _torch_setup(config)
@@ -229,7 +247,7 @@ def _device_string(config: dict) -> str:
 def cmd_edit_eval(args) -> None:
     config, layout = _setup(args)
     torch = _torch_setup(config)
-    from unike.editing import create_editor, resolve_editor
+    from unike.editing import create_editor, prepare_owners, resolve_editor
     from unike.harness import load_pre_edit, make_sequences, run_sequences
     from unike.metrics import METRIC_VERSION
     from unike.store import write_run
@@ -243,9 +261,10 @@ def cmd_edit_eval(args) -> None:
         cases_by_task[task] = _eval_cases(config, layout, cell.backbone, task)
         pre_edit.update(load_pre_edit(layout.pre_edit(cell.backbone, task), cases_by_task[task]))
     method = config["methods"][cell.method]
-    prepared = layout.prepared(cell.method, cell.backbone, cell.task)
     cls = resolve_editor(method["editor"])
-    editor = create_editor(method, backbone, prepared if cls.needs_training else None,
+    prepared = (layout.prepared(prepare_owners(config["methods"])[cell.method], cell.backbone, cell.task)
+                if cls.needs_training else None)
+    editor = create_editor(method, backbone, prepared,
                            layout.knowledge(cell.backbone) if cls.needs_knowledge else None)
     sequences = make_sequences(cases_by_task, cell.regime, config["seed"])
     log.info("%s: %d sequences, %d edits", cell, len(sequences), sum(map(len, sequences)))
@@ -279,11 +298,14 @@ def cmd_aggregate(args) -> None:
 
 
 def cmd_report(args) -> None:
+    """Tables 1-5, figures and index.html from the DuckDB (and the knowledge spaces given)."""
     config, layout = _setup(args)
     from reports.render import render_report
 
     backbone_map = {name: b["paper_name"] for name, b in config["backbones"].items()}
-    render_report(layout.db, layout.report, backbone_map)
+    # Each file is knowledge/<backbone>/spaces.parquet: its folder names the backbone.
+    spaces = {Path(p).parent.name: Path(p) for p in args.spaces}
+    render_report(layout.db, layout.report, backbone_map, config.get("report", {}).get("figure4"), spaces)
     log.info("report written to %s", layout.report / "index.html")
 
 
@@ -322,9 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     step("collect-triplets", cmd_collect_triplets, "backbone")
     step("extract-hidden-states", cmd_extract_hidden_states, "backbone")
     step("pretrain-encoders", cmd_pretrain_encoders, "backbone")
+    step("embed-spaces", cmd_embed_spaces, "backbone")
     step("edit-eval", cmd_edit_eval, "method", "backbone", "task", "regime")
     step("aggregate", cmd_aggregate).add_argument("runs", nargs="*", help="run Parquet files")
-    step("report", cmd_report)
+    step("report", cmd_report).add_argument(
+        "--spaces", nargs="*", default=[], metavar="PARQUET",
+        help="knowledge/<backbone>/spaces.parquet files for Figure 5a (none: no Figure 5a)")
     step("convert-minigpt4", cmd_convert_minigpt4, "backbone", "eva-vit", "qformer", "minigpt4", "vicuna").add_argument(
         "--ignore", action="append", default=[], help="glob of MiniGPT-4 keys to skip on purpose (repeatable)")
     return parser

@@ -35,6 +35,31 @@ def load_config(source: str | Path | dict) -> dict:
     return config
 
 
+def merge_overlays(base: dict, *overlays: dict) -> dict:
+    """Snakemake's `--configfile` semantics on top of config.yaml: mappings merge key by key,
+    any other value (a list such as `grid`) replaces the base's. Then `drop_unused_tiny_backbones`."""
+    def merge(into: dict, over: dict) -> None:
+        for key, value in over.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    config = json.loads(json.dumps(base))
+    for overlay in overlays:
+        merge(config, overlay)
+    drop_unused_tiny_backbones(config)
+    return config
+
+
+def drop_unused_tiny_backbones(config: dict) -> None:
+    """config.yaml's tiny backbones merge into every overlay; a real-data config cannot use
+    them (they need the tiny world), so those its grid does not name are dropped, in place."""
+    if config["data"]["source"] == "mmedit":
+        named = {b for cell in config["grid"] for b in cell["backbones"]}
+        config["backbones"] = {n: b for n, b in config["backbones"].items() if b["source"] != "tiny" or n in named}
+
+
 def validate(config: dict) -> None:
     import jsonschema
 

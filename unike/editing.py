@@ -32,6 +32,9 @@ class Editor:
     needs_training: ClassVar[bool] = False  # True: `prepare` runs once per (backbone, task) before editing
     needs_knowledge: ClassVar[bool] = False  # True: gets UniKE's per-backbone knowledge folder (`knowledge=`)
     supports_sequential: ClassVar[bool] = True
+    # The hyperparameters `prepare` reads. Methods of one editor class that agree on them
+    # share one prepared folder (UniKE's variants all use the same FFN memory); None: all.
+    prepare_hparams: ClassVar[tuple[str, ...] | None] = None
     Hparams: ClassVar[type] = NoHparams
 
     def __init__(self, backbone: Backbone, hparams: dict | None = None, prepared: Path | None = None,
@@ -114,6 +117,22 @@ def resolve_editor(spec: str) -> type[Editor]:
     if not (isinstance(cls, type) and issubclass(cls, Editor)):
         raise ValueError(f"{spec!r} is not an Editor subclass")
     return cls
+
+
+def prepare_owners(methods: dict[str, dict]) -> dict[str, str]:
+    """For each method that needs training, the method whose prepared folder it uses: the
+    first name (sorted) with the same editor class and the same values of the
+    hyperparameters its `prepare` reads."""
+    owners, first = {}, {}
+    for name in sorted(methods):
+        cls = resolve_editor(methods[name]["editor"])
+        if not cls.needs_training:
+            continue
+        hparams = dataclasses.asdict(parse_hparams(cls.Hparams, methods[name].get("hparams", {}), name))
+        fields = sorted(hparams) if cls.prepare_hparams is None else cls.prepare_hparams
+        key = (methods[name]["editor"], tuple((f, repr(hparams[f])) for f in fields))
+        owners[name] = first.setdefault(key, name)
+    return owners
 
 
 def create_editor(method_cfg: dict, backbone: Backbone, prepared: Path | None = None,

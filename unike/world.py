@@ -34,6 +34,13 @@ Design choices worth knowing about:
   "what shape is {color}?" has a single answer.
 * ``vocabulary`` also contains the tokens ``question``, ``answer`` and ``:``
   that a training-side prompt wrapper such as "question: ... answer:" adds.
+* ``n_pretrain_incontext`` (default 0: off) appends records in IKE's
+  "New Fact: ... Prompt: ..." format to ``pretrain.json`` (and 1/8 as many to
+  ``pretrain_eval.json``), kind ``incontext``, topics ``incontext-new`` (the answer
+  follows the stated, often counterfactual, fact) and ``incontext-keep`` (an unrelated
+  question: the old world's answer), so that the tiny backbones learn in-context use as
+  a real LLM does in pretraining (see :func:`incontext_records`).  They reuse images
+  already rendered and draw from their own seed stream: every other file is unchanged.
 
 Image layout under ``out_dir``: ``images/creatures`` holds normal-style
 creature renders, ``images/rephrase`` re-rendered style ones (also used for
@@ -133,6 +140,7 @@ MMEDIT_FIELDS = ("src", "pred", "alt", "rephrase", "image", "image_rephrase",
 # Seed streams and purposes: every generator is seeded with
 # [cfg.seed, stream, purpose, a, b] (fixed length, so no two streams alias).
 _STREAM_WORLD, _STREAM_CREATURE_IMG, _STREAM_SCENE_IMG, _STREAM_CASES = 0, 1, 2, 3
+_STREAM_INCONTEXT = 4
 _PURPOSES = {  # name -> (code, file-name tag)
     "pretrain": (1, "pt"),
     "pretrain_eval": (2, "pe"),
@@ -170,6 +178,9 @@ class WorldConfig:
     n_caption_train: int = 120
     seed: int = 0
     image_size: int = 64
+    # In-context records ("New Fact: ... Prompt: ..." demonstrations, IKE's format) in the
+    # pretraining corpus; pretrain_eval gets 1/8 as many. 0: none (the corpus is unchanged).
+    n_pretrain_incontext: int = 0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -348,6 +359,8 @@ def vocabulary(cfg: WorldConfig) -> list[str]:
     """Every token the world can produce (plus wrapper tokens), sorted."""
     words = _static_vocabulary()
     words.update(c.name for c in make_creatures(cfg))
+    if cfg.n_pretrain_incontext:
+        words.update(t for text in INCONTEXT_WORDS for t in tokenize(text))
     return sorted(words)
 
 
@@ -554,6 +567,175 @@ def _pretrain_corpus(creatures: list[Creature], writer: _ImageWriter, purpose: s
     return records
 
 
+# --------------------------------------------------------------------------
+# In-context records: teach the tiny backbones to use "New Fact" demonstrations
+# --------------------------------------------------------------------------
+#
+# A real LLM can follow a fact stated in its prompt because pretraining taught it
+# in-context use; the tiny backbones never saw such text, so IKE cannot work on them.
+# These records give the old-world corpus that skill, in IKE's exact prompt format
+# (baselines/ike.py renders its scored inputs the same way; tests/test_ike.py checks):
+#
+#   "New Fact: {fp} {fa}\nPrompt: {p} {a}\n\n" x d    (text-only demonstrations)
+#   "New Fact: {fp} {fa}\nPrompt: {p}"  -> answer        (the record's own query)
+#
+# The stated fact (fp -> fa) is about the pictured creature (a VQA question or a caption
+# prefix, as an MMEdit edit), or about a named creature (text). Its value is drawn at
+# random, so it is often counterfactual; it is never the *current* value of a changed
+# fact, so no edit target leaks into pretraining. The query either matches the stated
+# fact (another phrasing, another picture of the same creature: topic "incontext-new",
+# answer = the stated value) or is unrelated (another fact of the pictured creature, a
+# named creature's text fact, a shape scene: topic "incontext-keep", answer = the old
+# world). The demonstrations are IKE's three kinds (copy, update = another phrasing,
+# retain = a named creature's fact) about random creatures, and they are text only, as
+# IKE's are; with probability 1/2 the stated fact is also repeated as the last
+# demonstration, as IKE appends the edit's own fact. Records stay within
+# `_INCONTEXT_MAX_TOKENS` word tokens so the longest fits the tiny backbones' 256
+# positions with the image queries and the prompt wrapper; their lengths spread over the
+# whole range, so every position is trained.
+
+INCONTEXT_WORDS = ("New Fact:", "Prompt:")
+INCONTEXT_SEPARATOR = "\n\n"
+VQA_WRAP = "Question: {} Short answer:"  # = unike.data.vqa_prompt (world.py stays free of torch)
+_INCONTEXT_MAX_TOKENS = 224
+_INCONTEXT_MAX_DEMOS = 8
+_INCONTEXT_PURPOSES = {"pretrain": 1, "pretrain_eval": 2}
+
+
+def incontext_fact(fact_prompt: str, fact_answer: str, prompt: str) -> str:
+    """A stated fact followed by the prompt it should inform (IKE's query format)."""
+    return f"New Fact: {fact_prompt} {fact_answer}\nPrompt: {prompt}"
+
+
+def incontext_demo(fact_prompt: str, fact_answer: str, prompt: str, answer: str) -> str:
+    """One complete demonstration: a stated fact, a prompt and its answer."""
+    return f"{incontext_fact(fact_prompt, fact_answer, prompt)} {answer}"
+
+
+def _values(fact: str, c: Creature) -> tuple[str, ...]:
+    """Values a stated fact may give creature `c`: any but its current (edit) value."""
+    pool = DIETS if fact == "diet" else HABITATS
+    if c.changed_fact != fact:
+        return pool
+    return tuple(v for v in pool if v != c.current(fact))
+
+
+def _statement(rng: np.random.Generator, c: Creature, kind: str, fact: str) -> tuple[str, str, str]:
+    """(fact prompt, fact answer, value) of a stated fact about creature `c`."""
+    value = _pick(rng, _values(fact, c))
+    if kind == "vqa":
+        return VQA_WRAP.format(_pick(rng, SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact])), value, value
+    if kind == "caption":
+        prefix = _pick(rng, CAPTION_SRC_TEMPLATES + CAPTION_REPHRASE_TEMPLATES)
+        return prefix, CAPTION_TEMPLATE.format(name=c.name, habitat=value), value
+    return _pick(rng, TEXT_TEMPLATES[fact]).format(name=c.name), value, value
+
+
+def _text_fact(rng: np.random.Generator, others: list[Creature]) -> tuple[str, str]:
+    """An old-world text question about a random creature of `others`, and its answer."""
+    o = others[int(rng.integers(len(others)))]
+    fact = _pick(rng, FACTS)
+    return _pick(rng, TEXT_TEMPLATES[fact]).format(name=o.name), o.old(fact)
+
+
+def _demo(rng: np.random.Generator, creatures: list[Creature]) -> str:
+    """A text-only demonstration like IKE's (copy, update or retain) about a random creature."""
+    c = creatures[int(rng.integers(len(creatures)))]
+    kind = "vqa" if rng.random() < 0.6 else "caption"
+    fact = _pick(rng, FACTS) if kind == "vqa" else "habitat"
+    fp, fa, _ = _statement(rng, c, kind, fact)
+    mode = int(rng.integers(3))
+    if mode == 0:  # copy
+        return incontext_demo(fp, fa, fp, fa)
+    if mode == 1:  # update: another phrasing of the same fact
+        if kind == "vqa":
+            prompt = VQA_WRAP.format(_pick(rng, SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact]))
+        else:
+            prompt = _pick(rng, CAPTION_SRC_TEMPLATES + CAPTION_REPHRASE_TEMPLATES)
+        return incontext_demo(fp, fa, prompt, fa)
+    prompt, answer = _text_fact(rng, [o for o in creatures if o is not c])  # retain
+    return incontext_demo(fp, fa, prompt, answer)
+
+
+def incontext_records(creatures: list[Creature], corpus: list[dict[str, Any]], cfg: WorldConfig,
+                      purpose: str, n: int) -> list[dict[str, Any]]:
+    """`n` in-context records over the images of `corpus` (the ordinary records of the
+    same purpose: creature pictures by their name record, scenes with their questions)."""
+    rng = _rng(cfg, _STREAM_INCONTEXT, _INCONTEXT_PURPOSES[purpose])
+    by_name = {c.name: c for c in creatures}
+    pictures: dict[int, list[str]] = {}
+    scenes: list[tuple[str, str, str]] = []
+    for r in corpus:
+        if r["topic"] == "name":
+            pictures.setdefault(by_name[r["answer"]].index, [])
+            if r["image"] not in pictures[by_name[r["answer"]].index]:
+                pictures[by_name[r["answer"]].index].append(r["image"])
+        elif r["topic"].startswith("scene-"):
+            scenes.append((r["image"], r["prompt"], r["answer"]))
+    if not pictures:
+        raise ValueError(f"{purpose}: in-context records need creature pictures in the corpus")
+
+    records = []
+    for _ in range(n):
+        c = creatures[int(rng.integers(len(creatures)))]
+        others = [o for o in creatures if o is not c]
+        u = rng.random()
+        kind = "vqa" if u < 0.55 else "caption" if u < 0.9 else "text"
+        fact = "habitat" if kind == "caption" else _pick(rng, FACTS)
+        fp, fa, value = _statement(rng, c, kind, fact)
+        picture = _pick(rng, tuple(pictures[c.index]))
+        if rng.random() < 0.5:
+            topic = "incontext-new"
+            if kind == "vqa":
+                image, prompt = picture, VQA_WRAP.format(_pick(rng, SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact]))
+            elif kind == "caption":
+                image, prompt = picture, _pick(rng, CAPTION_SRC_TEMPLATES + CAPTION_REPHRASE_TEMPLATES)
+            else:
+                image, prompt = None, _pick(rng, TEXT_TEMPLATES[fact]).format(name=c.name)
+            answer = fa
+        else:
+            topic = "incontext-keep"
+            v = rng.random()
+            if v < 0.4 and kind != "text":
+                # The pictured creature's other fact (a caption states the habitat) or its name.
+                other_fact = "diet" if kind == "caption" else [f for f in FACTS if f != fact][0]
+                if rng.random() < 0.3:
+                    prompt, answer = VQA_WRAP.format(_pick(rng, NAME_TEMPLATES)), c.name
+                else:
+                    templates = SRC_TEMPLATES[other_fact] + REPHRASE_TEMPLATES[other_fact]
+                    prompt, answer = VQA_WRAP.format(_pick(rng, templates)), c.old(other_fact)
+                image = picture
+            elif v < 0.65 or not scenes:
+                # A named creature's text fact (T-Loc); for a text statement, possibly the
+                # same creature's other fact.
+                if kind == "text" and rng.random() < 0.5:
+                    other_fact = [f for f in FACTS if f != fact][0]
+                    prompt, answer = _pick(rng, TEXT_TEMPLATES[other_fact]).format(name=c.name), c.old(other_fact)
+                else:
+                    prompt, answer = _text_fact(rng, others)
+                image = None
+            else:  # a shape scene and one of its questions (M-Loc)
+                image, q, answer = scenes[int(rng.integers(len(scenes)))]
+                prompt = VQA_WRAP.format(q)
+        query = incontext_fact(fp, fa, prompt)
+        budget = _INCONTEXT_MAX_TOKENS - len(tokenize(query)) - len(tokenize(answer))
+        demos = []
+        if rng.random() < 0.5:  # IKE appends the edit's own fact as the last demonstration
+            own = incontext_demo(fp, fa, fp, fa)
+            if len(tokenize(own)) <= budget:
+                demos.append(own)
+                budget -= len(tokenize(own))
+        for _ in range(int(rng.integers(_INCONTEXT_MAX_DEMOS + 1))):
+            demo = _demo(rng, creatures)
+            if len(tokenize(demo)) > budget:
+                break
+            demos.insert(0, demo)
+            budget -= len(tokenize(demo))
+        prompt = "".join(d + INCONTEXT_SEPARATOR for d in demos) + query
+        records.append(_record("incontext", topic, image, prompt, answer))
+    return records
+
+
 def _locality(rng: np.random.Generator, unchanged: list[Creature], writer: _ImageWriter,
               purpose: str) -> dict[str, str]:
     """Text locality (fact about an unchanged creature) and multimodal locality (scene)."""
@@ -614,13 +796,21 @@ def generate_world(out_dir: Path, cfg: WorldConfig) -> WorldSummary:
     writer = _ImageWriter(out_dir, cfg)
 
     div = _PRETRAIN_EVAL_DIVISOR
+    pretrain = _pretrain_corpus(creatures, writer, "pretrain", cfg.pretrain_images_per_creature,
+                                cfg.n_pretrain_scenes)
+    pretrain_eval = _pretrain_corpus(
+        creatures, writer, "pretrain_eval",
+        max(1, round(cfg.pretrain_images_per_creature / div)),
+        max(1, round(cfg.n_pretrain_scenes / div)) if cfg.n_pretrain_scenes else 0)
+    if cfg.n_pretrain_incontext:
+        # Appended after the ordinary records, drawn from their own seed stream and reusing
+        # the images already rendered: every other output stays byte-identical.
+        pretrain += incontext_records(creatures, pretrain, cfg, "pretrain", cfg.n_pretrain_incontext)
+        pretrain_eval += incontext_records(creatures, pretrain_eval, cfg, "pretrain_eval",
+                                           max(1, round(cfg.n_pretrain_incontext / div)))
     outputs: dict[str, list[dict[str, Any]]] = {
-        "pretrain.json": _pretrain_corpus(creatures, writer, "pretrain",
-                                          cfg.pretrain_images_per_creature, cfg.n_pretrain_scenes),
-        "pretrain_eval.json": _pretrain_corpus(
-            creatures, writer, "pretrain_eval",
-            max(1, round(cfg.pretrain_images_per_creature / div)),
-            max(1, round(cfg.n_pretrain_scenes / div)) if cfg.n_pretrain_scenes else 0),
+        "pretrain.json": pretrain,
+        "pretrain_eval.json": pretrain_eval,
         "vqa_train.json": _edit_records("vqa", "train", cfg.n_vqa_train, creatures, writer),
         "vqa_eval.json": _edit_records("vqa", "eval", cfg.n_vqa_eval, creatures, writer),
         "caption_train_edit.json": _edit_records("caption", "train", cfg.n_caption_train, creatures, writer),

@@ -12,9 +12,16 @@ Per edit:
    place; their values are v + beta * W_zeta zeta_l with W_zeta learnable (a fresh one per
    edit, as in the authors' code). Neurons accumulate over sequential edits.
 
-Variants (Table 4, Figure 4) are hyperparameters: `intrinsic`, `external` ("latent" or
-"none"), `alpha` (None = adaptive, or fixed), `zeta` ("truthfulness", "semantic",
-"random", "none"), `top_k`.
+Variants (Table 4, Figure 4) are hyperparameters: `intrinsic`, `external` ("latent",
+"ike" or "none"), `alpha` (None = adaptive, or fixed), `zeta` ("truthfulness", "semantic",
+"random", "none"), `top_k` (latent knowledge states), `ike_k` (text demonstrations).
+
+`external: ike` is Table 4's Intrin+IKE: the neurons combined with vanilla IKE
+(unike.incontext), no latent knowledge. The edit retrieves `ike_k` demonstrations for the
+edit input and `predict` puts them before every scored input exactly as the IKE baseline
+does; the neurons are trained on the bare edit input, as they are in every other variant:
+"simply combined" (paper §4.5) reads as the two editors applied side by side, IKE's prompt
+being an inference-time addition: the neurons are trained as they would be without IKE.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from torch import nn
 
 from unike.data import EditCase, edit_sample
 from unike.editing import Editor
-from unike.method.encoders import mlp
+from unike.incontext import BUNDLED, Demonstrations, build_bank
+from unike.method.encoders import load_layer_encoders
 from unike.method.knowledge import last_prompt_positions, last_token_positions, residual_streams
 from unike.method.latent_ike import LatentIKE
 from unike.neurons import (FFNPatcher, KeyValueNeurons, activation_loss, ffn_input_memory, ffn_inputs, key_init,
@@ -39,10 +47,14 @@ from unike.neurons import (FFNPatcher, KeyValueNeurons, activation_loss, ffn_inp
 @dataclass(frozen=True)
 class UniKEHparams:
     intrinsic: bool = True
-    external: str = "latent"  # latent | none
-    alpha: float | None = None  # None: adaptive (Eq. 7)
+    external: str = "latent"  # latent | ike | none
+    alpha: float | None = None  # None: adaptive (Eq. 7); external latent only
     zeta: str = "truthfulness"  # truthfulness | semantic | random | none
-    top_k: int = 40
+    top_k: int = 40  # latent knowledge states retrieved (Figure 4a: 8..40)
+    # external ike: the IKE baseline's k, embedder and context limit (baselines/ike.py)
+    ike_k: int = 32
+    ike_embedder: str = BUNDLED
+    ike_context_limit: int = 0
     n_neurons: int = 10
     beta: float = 0.1
     lr: float = 1e-2
@@ -77,8 +89,11 @@ class RegulatedNeurons(KeyValueNeurons):
 
 
 class UniKE(Editor):
-    needs_training = True  # prepare: the FFN-input memory of the train split (memory loss)
+    needs_training = True  # prepare: the FFN-input memory of the train split (memory loss); IKE's bank
     needs_knowledge = True  # triplet hidden states and encoders of the backbone
+    # What `prepare` reads: the FFN memory's size, and whether (and with which embedder) it
+    # builds IKE's bank, so Intrin+IKE never shares the folder of a variant without one.
+    prepare_hparams = ("memory_size", "external", "ike_embedder")
     Hparams = UniKEHparams
 
     @classmethod
@@ -86,24 +101,23 @@ class UniKE(Editor):
         layers = _edited_layers(knowledge)
         memory = ffn_input_memory(backbone, train_cases, layers, hparams.memory_size, seed)
         save_file({str(l): m for l, m in memory.items()}, str(out_dir / "ffn_memory.safetensors"))
-        return {"memory_tokens": {l: int(m.shape[0]) for l, m in memory.items()}}
+        summary = {"memory_tokens": {l: int(m.shape[0]) for l, m in memory.items()}}
+        if hparams.external == "ike":
+            summary["demo_bank"] = build_bank(train_cases, out_dir, hparams.ike_embedder, backbone.device)
+        return summary
 
     def __init__(self, backbone, hparams=None, prepared=None, knowledge=None):
         super().__init__(backbone, hparams, prepared, knowledge)
         h = self.hparams
-        if h.external not in ("latent", "none") or h.zeta not in ("truthfulness", "semantic", "random", "none"):
+        if h.external not in ("latent", "ike", "none") or h.zeta not in ("truthfulness", "semantic", "random", "none"):
             raise ValueError(f"UniKE: unknown variant external={h.external!r} zeta={h.zeta!r}")
+        if h.alpha is not None and h.external != "latent":
+            raise ValueError(f"UniKE: alpha weighs latent knowledge; external={h.external!r} has none")
         device = backbone.device
         self.layers = _edited_layers(knowledge)
         states = {k: v.to(device) for k, v in load_file(str(knowledge / "hidden_states.safetensors")).items()}
         encoders = load_file(str(knowledge / "encoders.safetensors"))
-        enc_cfg = json.loads((knowledge / "encoders.json").read_text())["config"]
-        d = states[f"sem.{self.layers[0]}"].shape[1]
-        self.enc_sem = {}
-        for l in self.layers:
-            enc = mlp(d, enc_cfg["hidden"], d)
-            enc.load_state_dict({k.split(".", 2)[2]: v for k, v in encoders.items() if k.startswith(f"{l}.sem.")})
-            self.enc_sem[l] = enc.to(device).eval().requires_grad_(False)
+        self.enc_sem = {l: load_layer_encoders(knowledge, l).sem.to(device) for l in self.layers}
         self.zeta = {l: self._zeta(l, encoders, states) for l in self.layers}
         memory = load_file(str(prepared / "ffn_memory.safetensors"))
         self.ffn_memory = {l: memory[str(l)].to(device) for l in self.layers}
@@ -114,6 +128,11 @@ class UniKE(Editor):
             self.latent = LatentIKE(backbone, {l: states[f"sem.{l}"] for l in self.layers},
                                     {l: states[f"pos.{l}"] for l in self.layers}, h.top_k, h.alpha, self.enc_sem)
             self.latent.attach()
+        self.demonstrations = None
+        if h.external == "ike":
+            self.demonstrations = Demonstrations(backbone, prepared, h.ike_k, h.ike_embedder, h.ike_context_limit,
+                                                 "UniKE")
+            self.supports_sequential = False  # IKE's prompt holds one edit (the paper has no sequential IKE)
 
     def _zeta(self, layer, encoders, states) -> torch.Tensor | None:
         kind = self.hparams.zeta
@@ -138,7 +157,9 @@ class UniKE(Editor):
 
     def edit(self, case: EditCase) -> None:
         h, backbone = self.hparams, self.backbone
-        batch = backbone.encode([edit_sample(case)])
+        if self.demonstrations is not None:
+            self.demonstrations.edit(case)
+        batch = backbone.encode([edit_sample(case)])  # bare: IKE's demonstrations apply at inference
         if self.latent is not None:
             self.latent.detach()  # the edit's own knowledge pair, as the model itself encodes it
             streams = residual_streams(backbone, batch, self.layers)
@@ -181,7 +202,10 @@ class UniKE(Editor):
     def predict(self, samples):
         from unike.backbones import answer_predictions
 
-        batch = self.backbone.encode(samples)
+        if self.demonstrations is not None and self.demonstrations.case is not None:
+            batch = self.demonstrations.encode(samples)
+        else:
+            batch = self.backbone.encode(samples)
         return answer_predictions(self._forward(batch), batch), batch.answer_targets()
 
     def restore(self) -> None:
@@ -189,6 +213,8 @@ class UniKE(Editor):
         self.ffn_memory = dict(self.base_ffn_memory)
         if self.latent is not None:
             self.latent.reset()
+        if self.demonstrations is not None:
+            self.demonstrations.clear()
 
     def close(self) -> None:
         if self.latent is not None:

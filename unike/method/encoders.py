@@ -9,6 +9,8 @@ contrastive losses of Eq. 4 (truthfulness) and Eq. 5 (semantic).
   triplets, so a positive and its negative stay semantic neighbours.
 - zeta_l = mean EncTru(h_pos) - mean EncTru(h_neg): the direction from hallucinated to
   truthful knowledge that regulates the values of the intrinsic neurons (Eq. 6).
+- Figure 5a (`embed_spaces`, rule embed_spaces): EncSem and EncTru of h_pos and h_neg at
+  the last edited layer, each space in 2-D by t-SNE (unike.method.tsne).
 
 Similarity s is the cosine divided by a temperature (the paper leaves s unspecified).
 """
@@ -144,6 +146,19 @@ def train_layer_encoders(sem: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
     return enc, zeta, {"curve": curve, "heldout": checks}
 
 
+def load_layer_encoders(knowledge: Path, layer: int) -> LayerEncoders:
+    """The trained encoders of one layer from `knowledge/encoders.safetensors` (eval mode, frozen)."""
+    from safetensors.torch import load_file
+
+    cfg = EncoderConfig(**json.loads((knowledge / "encoders.json").read_text())["config"])
+    prefix = f"{layer}."
+    weights = {k[len(prefix):]: v for k, v in load_file(str(knowledge / "encoders.safetensors")).items()
+               if k.startswith(prefix) and not k.endswith(".zeta")}
+    enc = LayerEncoders(weights["sem.0.weight"].shape[1], cfg)
+    enc.load_state_dict(weights)
+    return enc.eval().requires_grad_(False)
+
+
 def pretrain_encoders(knowledge: Path, cfg: EncoderConfig) -> dict:
     """Train the encoders of every layer in `knowledge/hidden_states.safetensors`; write
     `encoders.safetensors` ("{layer}.sem.*", "{layer}.tru.*", "{layer}.zeta") and
@@ -167,3 +182,52 @@ def pretrain_encoders(knowledge: Path, cfg: EncoderConfig) -> dict:
     save_file(tensors, str(knowledge / "encoders.safetensors"), metadata={"layers": json.dumps(layers)})
     (knowledge / "encoders.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
+
+
+SPACES_COLUMNS = ("space", "polarity", "triplet", "x", "y")
+
+
+@torch.no_grad()
+def embed_spaces(knowledge: Path, out_path: Path, n_points: int, tsne_cfg) -> dict:
+    """Figure 5a: EncSem and EncTru applied to h_pos and h_neg of up to `n_points` triplets
+    (a seeded uniform sample, `tsne_cfg.seed`) at the last edited layer, each space reduced
+    to 2-D by t-SNE over its positives and negatives together. Writes `out_path` (Parquet,
+    columns SPACES_COLUMNS; `triplet` indexes triplets.json) with the t-SNE summary (layer,
+    KL per space, perplexity) as JSON under the schema metadata key "tsne"; returns it.
+
+    The last edited layer: one figure shows one layer, and the deepest edited layer is the
+    one whose states are nearest the answer. The encodings are L2-normalised before t-SNE:
+    Eq. 4 and Eq. 5 compare them by cosine only, so their norms carry nothing trained."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors import safe_open
+
+    from unike.method.tsne import tsne
+
+    with safe_open(str(knowledge / "hidden_states.safetensors"), "pt") as f:
+        layer = max(json.loads(f.metadata()["layers"]))
+        pos, neg = f.get_tensor(f"pos.{layer}"), f.get_tensor(f"neg.{layer}")
+    n = pos.shape[0]
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(tsne_cfg.seed))[:n_points].sort().values
+    enc = load_layer_encoders(knowledge, layer)
+    columns: dict[str, list] = {c: [] for c in SPACES_COLUMNS}
+    summary = {"layer": layer, "n_triplets": int(len(chosen)), "n_available": int(n), "tsne": asdict(tsne_cfg),
+               "kl": {}}
+    for space, encoder in (("semantic", enc.sem), ("truthfulness", enc.tru)):
+        z = F.normalize(torch.cat([encoder(pos[chosen]), encoder(neg[chosen])]), dim=-1)
+        y, kl = tsne(z, tsne_cfg)
+        summary["kl"][space] = kl
+        log.info("spaces: %s space of layer %d, %d points, t-SNE KL %.4f", space, layer, z.shape[0], kl)
+        for polarity, rows in (("positive", y[: len(chosen)]), ("negative", y[len(chosen):])):
+            columns["space"] += [space] * len(chosen)
+            columns["polarity"] += [polarity] * len(chosen)
+            columns["triplet"] += chosen.tolist()
+            columns["x"] += rows[:, 0].tolist()
+            columns["y"] += rows[:, 1].tolist()
+    types = (pa.string(), pa.string(), pa.int64(), pa.float64(), pa.float64())
+    schema = pa.schema(list(zip(SPACES_COLUMNS, types)), metadata={"tsne": json.dumps(summary)})
+    table = pa.table(columns, schema=schema)
+    tmp = out_path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(out_path)  # whole or absent: Snakemake must never see half a file
+    return summary

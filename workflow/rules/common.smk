@@ -62,6 +62,14 @@ def editor_flag(method, flag):
     return getattr(resolve_editor(config["methods"][method]["editor"]), flag)
 
 
+@functools.cache
+def prepare_owners():
+    """Method -> the method whose prepared folder it uses (variants share one)."""
+    from unike.editing import prepare_owners
+
+    return prepare_owners(config["methods"])
+
+
 def knowledge_files(wildcards):
     """UniKE's per-backbone knowledge, for editors that need it."""
     if not editor_flag(wildcards.method, "needs_knowledge"):

@@ -62,7 +62,8 @@ rule prepare_editor:
 def prepared_editor(wildcards):
     if not editor_flag(wildcards.method, "needs_training"):
         return []
-    return [str(LAYOUT.prepared(wildcards.method, wildcards.backbone, wildcards.task) / "prepared.json")]
+    owner = prepare_owners()[wildcards.method]
+    return [str(LAYOUT.prepared(owner, wildcards.backbone, wildcards.task) / "prepared.json")]
 
 
 rule edit_eval:

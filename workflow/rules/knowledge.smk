@@ -1,5 +1,6 @@
 # UniKE's in-context knowledge, once per backbone: hallucination triplets from the train
-# split, their hidden states at the edited layers, and the contrastive encoders.
+# split, their hidden states at the edited layers, the contrastive encoders, and the
+# encoders' spaces in 2-D (Figure 5a).
 
 
 rule collect_triplets:
@@ -50,3 +51,20 @@ rule pretrain_encoders:
         runtime=60,
     shell:
         unike("pretrain-encoders") + " --backbone {wildcards.backbone} > {log} 2>&1"
+
+
+rule embed_spaces:  # Figure 5a: t-SNE of the semantic and truthfulness spaces (CPU, deterministic)
+    input:
+        states=f"{OUT}/knowledge/{{backbone}}/hidden_states.safetensors",
+        encoders=f"{OUT}/knowledge/{{backbone}}/encoders.safetensors",
+        report=f"{OUT}/knowledge/{{backbone}}/encoders.json",
+    output:
+        f"{OUT}/knowledge/{{backbone}}/spaces.parquet",
+    log:
+        f"{OUT}/logs/embed_spaces/{{backbone}}.log",
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        unike("embed-spaces") + " --backbone {wildcards.backbone} > {log} 2>&1"

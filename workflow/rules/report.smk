@@ -1,6 +1,13 @@
 # Single writer of the DuckDB, then read-only rendering. Both run on the submit host.
 
+from reports.outputs import report_files
+
 localrules: aggregate, report
+
+# Figure 5a plots UniKE's knowledge spaces (t-SNE), one file per backbone of the grid.
+SPACES = ([f"{OUT}/knowledge/{b}/spaces.parquet" for b in sorted({c.backbone for c in CELLS})]
+          if "knowledge" in config else [])
+FIGURE4 = config.get("report", {}).get("figure4")
 
 
 rule aggregate:
@@ -16,13 +23,16 @@ rule aggregate:
 
 rule report:
     input:
-        f"{OUT}/metrics.duckdb",
+        db=f"{OUT}/metrics.duckdb",
+        spaces=SPACES,
     output:
-        f"{OUT}/report/index.html",
-        f"{OUT}/report/tables/table1.md",
-        f"{OUT}/report/tables/table1.html",
-        f"{OUT}/report/tables/table1.tex",
+        # Every file the step writes (reports.render checks it writes exactly these).
+        [f"{OUT}/report/{f}" for f in report_files(figure4=bool(FIGURE4), figure5a=bool(SPACES))],
+    params:
+        # A changed report section or backbone mapping re-renders (Snakemake's params trigger).
+        figure4=FIGURE4,
+        backbone_map={b: config["backbones"][b]["paper_name"] for b in BACKBONES},
     log:
         f"{OUT}/logs/report.log",
     shell:
-        unike("report") + " > {log} 2>&1"
+        unike("report") + " --spaces {input.spaces} > {log} 2>&1"
