@@ -40,6 +40,7 @@ class IKEHparams:
 class IKE(Editor):
     needs_training = True  # the demonstration bank
     supports_sequential = False
+    prepare_hparams = ("embedder", "embed_batch_size")  # one bank serves every k
     Hparams = IKEHparams
 
     @classmethod

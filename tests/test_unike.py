@@ -88,12 +88,17 @@ def test_retrieval_ignores_answer_tokens(backbone, vqa_cases, unike_dirs):
     editor.close()
 
 
-def test_one_step_edit_fixes_the_mistake_and_restores_exactly(backbone, vqa_cases, unike_dirs):
+@pytest.mark.parametrize("variant", ["full", "intrin+ike"])
+def test_one_step_edit_fixes_the_mistake_and_restores_exactly(backbone, vqa_cases, unike_dirs, request, variant):
+    """UniKE (latent knowledge, fixed alpha) and Intrin+IKE (demonstrations in the prompt)."""
     case = vqa_cases[0]
     weights = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     other = case_samples(vqa_cases[1])
     untouched = backbone.logits(backbone.encode(other))
-    editor = _unike(backbone, unike_dirs, max_steps=200, alpha=0.2)
+    if variant == "full":
+        editor = _unike(backbone, unike_dirs, max_steps=200, alpha=0.2)
+    else:
+        editor = _unike(backbone, request.getfixturevalue("ike_dirs"), external="ike", zeta="none", max_steps=200)
     (pred,), (target,) = editor.predict([edit_sample(case)])
     assert not torch.equal(pred, target)
     editor.edit(case)
@@ -101,6 +106,8 @@ def test_one_step_edit_fixes_the_mistake_and_restores_exactly(backbone, vqa_case
     assert torch.equal(pred, target)
     editor.restore()
     assert all(torch.equal(weights[k], v) for k, v in backbone.model.state_dict().items())
+    if variant == "intrin+ike":  # no demonstrations are left (latent knowledge stays attached until close)
+        assert torch.equal(editor._forward(backbone.encode(other)), untouched)
     editor.close()  # detaches the latent knowledge hooks
     assert torch.equal(backbone.logits(backbone.encode(other)), untouched)
 
@@ -161,22 +168,6 @@ def test_intrin_ike_without_neurons_is_the_ike_baseline(backbone, vqa_cases, cap
         assert all(torch.equal(a, b) for a, b in zip(p_ike + t_ike, p_ours + t_ours))
         ike.restore()
         ours.restore()
-
-
-def test_intrin_ike_fixes_the_mistake_and_restores_exactly(backbone, vqa_cases, ike_dirs):
-    case = vqa_cases[0]
-    weights = {k: v.clone() for k, v in backbone.model.state_dict().items()}
-    samples = case_samples(vqa_cases[1])
-    untouched = backbone.logits(backbone.encode(samples))
-    editor = _unike(backbone, ike_dirs, external="ike", zeta="none", max_steps=200)
-    (pred,), (target,) = editor.predict([edit_sample(case)])
-    assert not torch.equal(pred, target)
-    editor.edit(case)
-    (pred,), (target,) = editor.predict([edit_sample(case)])
-    assert torch.equal(pred, target)
-    editor.restore()
-    assert all(torch.equal(weights[k], v) for k, v in backbone.model.state_dict().items())
-    assert torch.equal(editor._forward(backbone.encode(samples)), untouched)
 
 
 def test_alpha_needs_latent_knowledge(backbone, ike_dirs):

@@ -57,8 +57,15 @@ def test_smoke_run_end_to_end(tmp_path):
             assert ft["rel"] > pre["rel"] + 0.1 and ft["rel_em"] > 0.3
             assert pre["t_loc"] == pre["m_loc"] == 1.0  # the unedited model agrees with its cached predictions
 
-    for name in ("index.html", "tables/table1.md", "tables/table1.html", "tables/table1.tex"):
-        assert (out / "report" / name).stat().st_size > 0
+    # Every table and figure of the default report, from the smaller grid.
+    tables = [f"tables/table{n}.{ext}" for n in range(1, 6) for ext in ("md", "html", "tex")]
+    figures = [f"figures/{f}.{ext}" for f in ("figure4", "figure5a", "gen-vs-loc") for ext in ("png", "pdf")]
+    for name in ("index.html", *tables, *figures):
+        assert (out / "report" / name).stat().st_size > 0, name
+    index = (out / "report" / "index.html").read_text()
+    assert all(f"tables/table{n}.md" in index for n in range(1, 6)) and "figures/figure5a.png" in index
+    regimes = {r for (r,) in con.execute("select distinct regime from runs").fetchall()}
+    assert regimes == {"one-step", "seq-10", "cross-10"}
     training = json.loads((out / "backbones" / "tiny-minigpt4" / "training.json").read_text())
     assert training["heldout"]["token_acc"] > 0.4  # smoke-sized: learns the text facts, barely the images
 

@@ -121,10 +121,10 @@ def resolve_editor(spec: str) -> type[Editor]:
 
 def prepare_owners(methods: dict[str, dict]) -> dict[str, str]:
     """For each method that needs training, the method whose prepared folder it uses: the
-    first name (sorted) with the same editor class and the same values of the
-    hyperparameters its `prepare` reads."""
+    first method, in the config's order, with the same editor class and the same values
+    of the hyperparameters its `prepare` reads (a base method before its variants)."""
     owners, first = {}, {}
-    for name in sorted(methods):
+    for name in methods:
         cls = resolve_editor(methods[name]["editor"])
         if not cls.needs_training:
             continue

@@ -43,10 +43,12 @@ class TinyArch:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 900
+    # 900 steps at lr 2e-3 collapsed the Q-Former to image-independent outputs (names at
+    # chance, 54-57% held-out); 450 at 1e-3 gives 81% (OPT) and 88% (LLaMA) in a third of the time.
+    steps: int = 450
     batch_size: int = 64
-    lr: float = 2e-3
-    warmup: int = 100
+    lr: float = 1e-3
+    warmup: int = 50
     weight_decay: float = 0.01
     text_fraction: float = 0.125  # share of each batch drawn from the (rare) text-only facts
     seed: int = 0
