@@ -39,7 +39,7 @@ def main() -> None:
         lines += ["", f"## Per edit: harness against the plain way (`per_edit.py`, {r['method']}, {r['device']})", "",
                   "Plain: per edit, pre-edit locality outputs recomputed, every step through the whole model "
                   "including the vision tower, the five scored inputs one at a time. Both ways give the same metrics "
-                  "(checked by the script).", "",
+                  f"(checked by the script). Each way ran {r.get('repeats', 1)} times, alternating; the fastest counts.", "",
                   "| backbone | task | cases | plain s/edit | harness s/edit | speed-up |", "| --- | --- | --- | --- | --- | --- |"]
         for backbone, tasks in sorted(r["backbones"].items()):
             for task, t in sorted(tasks.items()):

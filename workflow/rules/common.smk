@@ -28,7 +28,7 @@ wildcard_constraints:
 # The steps read the exact config Snakemake validated (merged --configfile/--config),
 # written once per content change so its timestamp does not trigger reruns.
 EFFECTIVE_CONFIG = Path(OUT) / "config.effective.yaml"
-_text = yaml.safe_dump(config, sort_keys=True)
+_text = yaml.safe_dump(config, sort_keys=False)  # method order decides prepared-folder owners
 if not EFFECTIVE_CONFIG.exists() or EFFECTIVE_CONFIG.read_text() != _text:
     EFFECTIVE_CONFIG.parent.mkdir(parents=True, exist_ok=True)
     EFFECTIVE_CONFIG.write_text(_text)
