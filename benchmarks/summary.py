@@ -3,6 +3,7 @@
     python benchmarks/pipeline.py default && python benchmarks/pipeline.py smoke
     python benchmarks/per_edit.py --config config.yaml
     python benchmarks/training_cost.py results    # after a default DAG run
+    python benchmarks/tune_unike.py --config config.yaml
     python benchmarks/summary.py
 """
 
@@ -51,6 +52,20 @@ def main() -> None:
                   "Seconds of each `prepare_editor` step as the DAG run recorded them (`prepared.json`); training "
                   "steps, loop time and parameters are those of the hypernetworks (KE, MEND). What each method "
                   "prepares: `docs/baselines.md`.", "", *training_cost_table(r["rows"])]
+    r = results.get("unike_tuning")
+    if r:
+        lines += ["", f"## UniKE hyperparameters on a validation split of the train data (`tune_unike.py`, from `{r['method']}`)",
+                  "", f"{100 * r['validation_share']:.0f}% of each task's train cases held out; triplet memory, encoders "
+                  "and FFN memory rebuilt without them; coordinate-wise search, score = mean of Rel, Gen, Loc "
+                  "(validation, both tasks). The eval split is never used.", "",
+                  "| backbone | validation cases | start: mean (Rel / Gen / Loc) | chosen | chosen: mean (Rel / Gen / Loc) | trials |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, b in sorted(r["backbones"].items()):
+            s, c = b["start"], b["chosen_scores"]
+            changed = {k: v for k, v in b["chosen"].items() if r["start"].get(k, v) != v} or "(the start)"
+            lines.append(f"| {name} | {sum(b['validation_cases'].values())} | {100 * s['mean']:.1f} ({100 * s['rel']:.1f} / "
+                         f"{100 * s['gen']:.1f} / {100 * s['loc']:.1f}) | {changed} | {100 * c['mean']:.1f} "
+                         f"({100 * c['rel']:.1f} / {100 * c['gen']:.1f} / {100 * c['loc']:.1f}) | {len(b['trials'])} |")
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 
