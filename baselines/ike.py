@@ -10,7 +10,7 @@ behind them, live in unike/incontext.py (UniKE's Intrin+IKE ablation uses the sa
   8..40) for the edit input and its label, plus the edit's own fact.
 - `predict` puts them before every scored input, then the stated fact and the input's
   own prompt; the least similar are dropped first where the context is too short.
-- One edit at a time (`supports_sequential = False`): the paper leaves IKE out of its
+- One edit at a time (`supports_sequential` is False): the paper leaves IKE out of its
   sequential tables. `restore` forgets the edit; the backbone is never modified.
 """
 
@@ -39,9 +39,15 @@ class IKEHparams:
 
 class IKE(Editor):
     needs_training = True  # the demonstration bank
-    supports_sequential = False
-    prepare_hparams = ("embedder", "embed_batch_size")  # one bank serves every k
     Hparams = IKEHparams
+
+    @classmethod
+    def supports_sequential(cls, hparams) -> bool:
+        return False
+
+    @classmethod
+    def prepare_key(cls, hparams) -> tuple:
+        return hparams.embedder, hparams.embed_batch_size  # one bank serves every k
 
     @classmethod
     def prepare(cls, backbone: Backbone, hparams: IKEHparams, train_cases: list[EditCase], out_dir: Path,

@@ -294,7 +294,6 @@ def _answer_nll(logits: torch.Tensor, batch) -> torch.Tensor:
 # ---------------------------------------------------------------- the editor
 class SERAC(Editor):
     needs_training = True
-    supports_sequential = True
     Hparams = SERACHparams
 
     @classmethod

@@ -44,7 +44,7 @@ def test_the_walkthrough_module_and_config_are_valid():
     namespace: dict = {}
     exec(compile(module, str(DOC), "exec"), namespace)
     cls = namespace["LayerFT"]
-    assert issubclass(cls, Editor) and not cls.needs_training and cls.supports_sequential
+    assert issubclass(cls, Editor) and not cls.needs_training and cls.supports_sequential(cls.Hparams())
     entry = yaml.safe_load([b for b in doc_blocks("yaml") if "methods:" in b and "editor:" in b][0])
     assert entry["methods"]["newbase"]["editor"] == "baselines.newbase:LayerFT"
     from unike.editing import parse_hparams

@@ -29,6 +29,14 @@ def test_default_config_is_valid_and_lists_the_grid(config):
     (lambda c: c["methods"].update(x={"editor": "baselines.missing:X"}), "not found"),
     (lambda c: c.update(surprise=1), "Additional properties"),
     (lambda c: c["data"].update(source="mmedit"), "tiny backbones need"),
+    # a method that cannot stack edits, in a sequential cell: refused before any job runs
+    (lambda c: c["grid"].append({"methods": ["ike"], "backbones": ["tiny-minigpt4"], "tasks": ["e-vqa"],
+                                 "regimes": ["seq-10"]}), r"methods\.ike .* cannot run regime\(s\) \['seq-10'\]"),
+    # the same UniKE editor stacks edits unless its hyperparameters make it Intrin+IKE
+    (lambda c: c["grid"].append({"methods": ["unike-only-intrin", "unike-intrin+ike"], "backbones": ["tiny-minigpt4"],
+                                 "tasks": ["cross-task"], "regimes": ["cross-10"]}),
+     r"methods\.unike-intrin\+ike .* cannot run regime\(s\) \['cross-10'\]"),
+    (lambda c: c["methods"]["unike"]["hparams"].update(n_neuron=3), r"methods\.unike.*unknown hyperparameter"),
 ])
 def test_bad_configs_fail_with_a_clear_message(config, mutate, message):
     bad = copy.deepcopy(config)

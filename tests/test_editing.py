@@ -142,7 +142,7 @@ def test_variants_that_agree_on_what_prepare_reads_share_one_prepared_folder():
     methods = {
         "backbone": {"editor": "unike.editing:NoEdit"},  # needs no preparation: no owner
         "ft": {"editor": "baselines.ft:FineTune"},
-        # T-Patcher's preparation reads every hyperparameter (prepare_hparams None): a
+        # T-Patcher's preparation reads every hyperparameter (the default prepare_key): a
         # different lr is a different preparation, the same values (defaults spelled out) are not.
         "tp": {"editor": "baselines.tpatcher:TPatcher", "hparams": {"lr": 0.01}},
         "tp-same": {"editor": "baselines.tpatcher:TPatcher", "hparams": {"lr": 0.01}},

@@ -147,7 +147,7 @@ def test_restore_forgets_and_ike_holds_one_edit(backbone, bank, vqa_cases):
     editor.restore()
     again, _ = editor.predict(samples)
     assert all(torch.equal(a, b) for a, b in zip(plain, again))
-    assert not IKE.supports_sequential and IKE.needs_training
+    assert not IKE.supports_sequential(editor.hparams) and IKE.needs_training
     with pytest.raises(ValueError, match="sequential"):
         run_sequences(editor, [vqa_cases[:2]], {})
 

@@ -118,7 +118,7 @@ def test_no_answer_reaches_the_scope_classifier(monkeypatch, world_config, train
 def test_memory_accumulates_and_restore_clears_it(prepared_opt, vqa_cases):
     backbone, out, hp, _ = prepared_opt
     editor = SERAC(backbone, hp, out)
-    assert SERAC.supports_sequential and SERAC.needs_training
+    assert SERAC.supports_sequential(editor.hparams) and SERAC.needs_training
     samples = case_samples(vqa_cases[0])
     plain, _ = NoEdit(backbone).predict(samples)
     for case in vqa_cases[:3]:

@@ -131,7 +131,7 @@ def _contains(row: list[int], part: list[int]) -> bool:
 
 def test_intrin_ike_scored_inputs_carry_the_retrieved_demonstrations(backbone, vqa_cases, ike_dirs):
     editor = _unike(backbone, ike_dirs, external="ike", zeta="none", ike_k=3, max_steps=5)
-    assert editor.latent is None and not editor.supports_sequential
+    assert editor.latent is None and not UniKE.supports_sequential(editor.hparams)
     case = vqa_cases[0]
     seen = []
     forward = editor._forward
@@ -181,8 +181,12 @@ def test_intrin_ike_variants_share_a_prepared_folder_only_with_each_other():
     spec, base = "unike.method.editor:UniKE", {"memory_size": 5000, "top_k": 40}
     methods = {"unike": {"editor": spec, "hparams": base},
                "unike-intrin+latent-ike-k8": {"editor": spec, "hparams": {**base, "alpha": 0.5, "top_k": 8}},
+               "unike-only-intrin": {"editor": spec, "hparams": {**base, "external": "none"}},
                "unike-intrin+ike": {"editor": spec, "hparams": {**base, "external": "ike", "zeta": "none"}},
-               "unike-intrin+ike-k8": {"editor": spec, "hparams": {**base, "external": "ike", "ike_k": 8}}}
+               "unike-intrin+ike-k8": {"editor": spec, "hparams": {**base, "external": "ike", "ike_k": 8}},
+               "unike-small-memory": {"editor": spec, "hparams": {**base, "memory_size": 100}}}
     assert prepare_owners(methods) == {"unike": "unike", "unike-intrin+latent-ike-k8": "unike",
+                                       "unike-only-intrin": "unike",  # the same FFN memory, no bank
                                        "unike-intrin+ike": "unike-intrin+ike",
-                                       "unike-intrin+ike-k8": "unike-intrin+ike"}
+                                       "unike-intrin+ike-k8": "unike-intrin+ike",
+                                       "unike-small-memory": "unike-small-memory"}

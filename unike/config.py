@@ -82,6 +82,7 @@ def validate(config: dict) -> None:
         module = method["editor"].split(":")[0]
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"methods.{name}: editor module {module!r} not found")
+    _check_sequential(config)
     for name, b in config["backbones"].items():
         if b["source"] == "local" and "path" not in b:
             raise ConfigError(f"backbones.{name}: source 'local' needs a 'path'")
@@ -90,6 +91,27 @@ def validate(config: dict) -> None:
     data = config["data"]
     if data["source"] == "mmedit" and not {"annotations", "image_root"} <= set(data):
         raise ConfigError("data.source 'mmedit' needs data.annotations and data.image_root")
+
+
+def _check_sequential(config: dict) -> None:
+    """Methods in sequential grid cells must stack edits with their hyperparameters (IKE and
+    UniKE's Intrin+IKE cannot): fail before the DAG is built, not at edit time."""
+    from unike.editing import parse_hparams, resolve_editor
+
+    for i, cell in enumerate(config["grid"]):
+        regimes = [r for r in cell["regimes"] if r != "one-step"]
+        if not regimes:
+            continue
+        for name in cell["methods"]:
+            method = config["methods"][name]
+            try:
+                cls = resolve_editor(method["editor"])
+                hparams = parse_hparams(cls.Hparams, method.get("hparams", {}), f"methods.{name}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            if not cls.supports_sequential(hparams):
+                raise ConfigError(f"grid[{i}]: methods.{name} ({method['editor']}) edits one case at a time "
+                                  f"with these hyperparameters; it cannot run regime(s) {regimes}")
 
 
 @dataclass(frozen=True, order=True)

@@ -3,8 +3,9 @@
 An editor is prepared once per (backbone, task) run, then applies edits one after the
 other (a sequence; one-step editing is a sequence of one), predicts on scored inputs, and
 restores the unedited backbone bit-exactly before the next sequence. Capability flags
-(`needs_training`, `supports_sequential`) let the workflow and the harness decide what to
-run without knowing method names.
+(`needs_training`, `needs_knowledge`) and capability classmethods of the parsed
+hyperparameters (`supports_sequential`, `prepare_key`) let config validation, the workflow
+and the harness decide what to run without knowing method names.
 
 A config entry names its editor class by import path ("baselines.ft:FineTune"); the
 module is imported only when that method runs.
@@ -31,11 +32,20 @@ class NoHparams:
 class Editor:
     needs_training: ClassVar[bool] = False  # True: `prepare` runs once per (backbone, task) before editing
     needs_knowledge: ClassVar[bool] = False  # True: gets UniKE's per-backbone knowledge folder (`knowledge=`)
-    supports_sequential: ClassVar[bool] = True
-    # The hyperparameters `prepare` reads. Methods of one editor class that agree on them
-    # share one prepared folder (UniKE's variants all use the same FFN memory); None: all.
-    prepare_hparams: ClassVar[tuple[str, ...] | None] = None
     Hparams: ClassVar[type] = NoHparams
+
+    @classmethod
+    def supports_sequential(cls, hparams) -> bool:
+        """Whether edits stack (seq-10, seq-20, cross-10) with these parsed hyperparameters;
+        config validation refuses sequential grid cells of a method that answers False."""
+        return True
+
+    @classmethod
+    def prepare_key(cls, hparams) -> tuple:
+        """What `prepare` reads of the parsed hyperparameters. Methods of one editor class
+        with equal keys share one prepared folder (UniKE's variants use the same FFN
+        memory); by default every hyperparameter counts."""
+        return tuple(sorted(dataclasses.asdict(hparams).items()))
 
     def __init__(self, backbone: Backbone, hparams: dict | None = None, prepared: Path | None = None,
                  knowledge: Path | None = None):
@@ -121,16 +131,15 @@ def resolve_editor(spec: str) -> type[Editor]:
 
 def prepare_owners(methods: dict[str, dict]) -> dict[str, str]:
     """For each method that needs training, the method whose prepared folder it uses: the
-    first method, in the config's order, with the same editor class and the same values
-    of the hyperparameters its `prepare` reads (a base method before its variants)."""
+    first method, in the config's order, with the same editor class and the same
+    `prepare_key` (a base method before its variants)."""
     owners, first = {}, {}
     for name in methods:
         cls = resolve_editor(methods[name]["editor"])
         if not cls.needs_training:
             continue
-        hparams = dataclasses.asdict(parse_hparams(cls.Hparams, methods[name].get("hparams", {}), name))
-        fields = sorted(hparams) if cls.prepare_hparams is None else cls.prepare_hparams
-        key = (methods[name]["editor"], tuple((f, repr(hparams[f])) for f in fields))
+        hparams = parse_hparams(cls.Hparams, methods[name].get("hparams", {}), name)
+        key = (methods[name]["editor"], repr(cls.prepare_key(hparams)))
         owners[name] = first.setdefault(key, name)
     return owners
 

@@ -82,7 +82,7 @@ def make_sequences(cases_by_task: dict[str, list[EditCase]], regime: str, seed: 
 def run_sequences(editor: Editor, sequences: list[list[EditCase]], pre_edit: dict[str, dict[str, torch.Tensor]],
                   progress_every: int = 10) -> list[dict]:
     """Edit each sequence, score every case of it after its last edit, restore."""
-    if any(len(s) > 1 for s in sequences) and not editor.supports_sequential:
+    if any(len(s) > 1 for s in sequences) and not type(editor).supports_sequential(editor.hparams):
         raise ValueError(f"{type(editor).__name__} does not support sequential editing")
     rows, t_start, n_done = [], time.time(), 0
     total = sum(len(s) for s in sequences)

@@ -327,7 +327,6 @@ class HypernetEditor(Editor):
     (bit-exact)."""
 
     needs_training = True
-    supports_sequential = True
     method: ClassVar[str]
     arch_fields: ClassVar[tuple[str, ...]]
 

@@ -91,10 +91,17 @@ class RegulatedNeurons(KeyValueNeurons):
 class UniKE(Editor):
     needs_training = True  # prepare: the FFN-input memory of the train split (memory loss); IKE's bank
     needs_knowledge = True  # triplet hidden states and encoders of the backbone
-    # What `prepare` reads: the FFN memory's size, and whether (and with which embedder) it
-    # builds IKE's bank, so Intrin+IKE never shares the folder of a variant without one.
-    prepare_hparams = ("memory_size", "external", "ike_embedder")
     Hparams = UniKEHparams
+
+    @classmethod
+    def supports_sequential(cls, hparams) -> bool:
+        return hparams.external != "ike"  # IKE's prompt holds one edit (the paper has no sequential IKE)
+
+    @classmethod
+    def prepare_key(cls, hparams) -> tuple:
+        # The FFN memory's size, and whether (with which embedder) IKE's bank is built:
+        # every other variant shares the folder; Intrin+IKE never shares one without a bank.
+        return hparams.memory_size, hparams.ike_embedder if hparams.external == "ike" else None
 
     @classmethod
     def prepare(cls, backbone, hparams, train_cases, out_dir, seed, knowledge):
@@ -132,7 +139,6 @@ class UniKE(Editor):
         if h.external == "ike":
             self.demonstrations = Demonstrations(backbone, prepared, h.ike_k, h.ike_embedder, h.ike_context_limit,
                                                  "UniKE")
-            self.supports_sequential = False  # IKE's prompt holds one edit (the paper has no sequential IKE)
 
     def _zeta(self, layer, encoders, states) -> torch.Tensor | None:
         kind = self.hparams.zeta
