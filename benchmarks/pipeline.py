@@ -69,6 +69,7 @@ def main() -> None:
         for training in sorted(Path(workdir).glob("results*/backbones/*/training.json")):
             report = json.loads(training.read_text())
             backbones[training.parent.name] = {**{k: report["heldout"][k] for k in ("token_acc", "exact_match", "by_topic")},
+                                               "image_feature_spread": report["image_feature_spread"],
                                                "train_s": report["train_s"]}
     figures = {"config": args.name, "cores": args.cores, "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20),
                "machine": f"{platform.machine()} {psutil.cpu_count()} cpus, {round(psutil.virtual_memory().total / 2**30)} GiB",

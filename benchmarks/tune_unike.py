@@ -33,7 +33,7 @@ from unike.backbones import load_backbone
 from unike.config import SPLIT_FILES, Layout, load_config
 from unike.data import edit_sample, load_cases
 from unike.editing import create_editor
-from unike.harness import make_sequences, pre_edit_predictions, run_sequences
+from unike.harness import make_sequences, pre_edit_predictions, pre_edit_tensors, run_sequences
 from unike.method.editor import UniKE, UniKEHparams
 from unike.method.encoders import EncoderConfig, pretrain_encoders
 from unike.method.knowledge import load_triplets, save_hidden_states, save_triplets
@@ -107,9 +107,8 @@ def main() -> None:
             prepared.mkdir()
             hp = UniKEHparams(**base.get("hparams", {}))
             UniKE.prepare(backbone, hp, fit["e-vqa"] + fit["e-ic"], prepared, config["seed"], knowledge=knowledge)
-            pre_edit = {t: pre_edit_predictions(backbone, validation[t]) for t in validation}
-            pre_edit = {t: {cid: {row: torch.tensor(v) for row, v in p.items()} for cid, p in preds.items()}
-                        for t, preds in pre_edit.items()}
+            pre_edit = {t: pre_edit_tensors(pre_edit_predictions(backbone, cases), cases)
+                        for t, cases in validation.items()}
 
             def evaluate(values: dict) -> dict:
                 editor = create_editor({"editor": base["editor"], "hparams": values}, backbone, prepared, knowledge)

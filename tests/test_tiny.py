@@ -6,7 +6,7 @@ import torch
 
 from unike.backbones import load_backbone
 from unike.data import case_samples
-from unike.tiny import PretrainConfig, TinyArch, build_tokenizer, pretrain
+from unike.tiny import COLLAPSED_SPREAD, corpus_samples, PretrainConfig, TinyArch, build_tokenizer, image_feature_spread, pretrain
 from unike.world import vocabulary
 
 ARCH = dict(hidden=32, ffn=64, layers=2, heads=2, vision_hidden=32, vision_layers=1, qformer_layers=1,
@@ -44,3 +44,17 @@ def test_pretraining_is_deterministic_and_reloads_to_identical_outputs(tmp_path,
     batch = a.encode(case_samples(vqa_cases[0]))
     assert torch.equal(a.logits(batch), b.logits(b.encode(case_samples(vqa_cases[0]))))
     assert a.prompt_style == "minigpt4" and a.model.config.text_config.model_type == "llama"
+    images = sorted({s.image for s in corpus_samples(json.loads((world_dir / "pretrain_eval.json").read_text()), world_dir)
+                     if s.image is not None})
+    recorded = json.loads((outs[0] / "training.json").read_text())["image_feature_spread"]
+    assert recorded == image_feature_spread(a, images) > 0
+
+
+def test_image_feature_spread_is_zero_for_an_image_blind_backbone_and_positive_otherwise(backbone, world_dir):
+    images = sorted(world_dir.rglob("*.png"))[:16]
+    assert image_feature_spread(backbone, images) > COLLAPSED_SPREAD
+    with torch.no_grad():  # every image now projects to the bias: what collapsed pretraining converged to
+        backbone.model.language_projection.weight.zero_()
+        backbone.model.language_projection.bias.fill_(0.5)
+    backbone.clear_image_cache()
+    assert image_feature_spread(backbone, images) == 0.0

@@ -46,12 +46,17 @@ def save_pre_edit(path: Path, preds: dict, backbone_name: str) -> None:
     path.write_text(json.dumps({"backbone": backbone_name, "cases": preds}, sort_keys=True) + "\n")
 
 
-def load_pre_edit(path: Path, cases: list[EditCase]) -> dict[str, dict[str, torch.Tensor]]:
-    data = json.loads(Path(path).read_text())["cases"]
-    missing = [c.case_id for c in cases if c.case_id not in data]
+def pre_edit_tensors(preds: dict[str, dict[str, list[int]]], cases: list[EditCase],
+                     source: str = "pre-edit predictions") -> dict[str, dict[str, torch.Tensor]]:
+    """`pre_edit_predictions` output (or its cached JSON) as the tensors scoring compares with."""
+    missing = [c.case_id for c in cases if c.case_id not in preds]
     if missing:
-        raise KeyError(f"{path}: no pre-edit predictions for cases {missing[:5]} (re-run cache_pre_edit)")
-    return {c.case_id: {row: torch.tensor(v, dtype=torch.long) for row, v in data[c.case_id].items()} for c in cases}
+        raise KeyError(f"{source}: no pre-edit predictions for cases {missing[:5]} (re-run cache_pre_edit)")
+    return {c.case_id: {row: torch.tensor(v, dtype=torch.long) for row, v in preds[c.case_id].items()} for c in cases}
+
+
+def load_pre_edit(path: Path, cases: list[EditCase]) -> dict[str, dict[str, torch.Tensor]]:
+    return pre_edit_tensors(json.loads(Path(path).read_text())["cases"], cases, str(path))
 
 
 def make_sequences(cases_by_task: dict[str, list[EditCase]], regime: str, seed: int) -> list[list[EditCase]]:

@@ -135,6 +135,19 @@ def answer_token_accuracy(backbone: Backbone, samples: list[Sample], topics: lis
                          for k, v in sorted(per_topic.items())}}
 
 
+# Below this the pretraining collapsed: projected image features of different images differ
+# by a few percent of their size (measured: 0.017 and 2e-4 collapsed, 0.5-0.8 healthy).
+COLLAPSED_SPREAD = 0.05
+
+
+@torch.no_grad()
+def image_feature_spread(backbone: Backbone, paths: list[Path], n_images: int = 64) -> float:
+    """mean |f - mean f| / mean |f| over the projected image features of up to `n_images`
+    images: how much what the language model sees depends on the image."""
+    feats = backbone.image_features(paths[:n_images]).flatten(1).float()
+    return float((feats - feats.mean(0)).norm(dim=1).mean() / feats.norm(dim=1).mean())
+
+
 def pretrain(world_dir: Path, out_dir: Path, arch: TinyArch, train: PretrainConfig, prompt_style: str,
              vocabulary: list[str], threads: int = 1) -> dict:
     """Pretrain a tiny backbone on the old world; save it with `save_pretrained`."""
@@ -189,8 +202,14 @@ def pretrain(world_dir: Path, out_dir: Path, arch: TinyArch, train: PretrainConf
     log.info("held-out answer-token accuracy %.3f, exact match %.3f", heldout_acc["token_acc"], heldout_acc["exact_match"])
     for topic, acc in heldout_acc["by_topic"].items():
         log.info("  %-14s token accuracy %.3f (n=%d)", topic, acc["token_acc"], acc["n"])
+    spread = image_feature_spread(backbone, sorted({s.image for s in heldout if s.image is not None}))
+    log.info("image-feature spread %.3f (healthy tiny backbones: about 0.5-0.8)", spread)
+    if spread < COLLAPSED_SPREAD:
+        log.warning("image-feature spread %.3f < %.2f: the Q-Former output barely depends on the image; this "
+                    "backbone is image-blind and its edits mean little (docs/tiny-world.md, pretraining collapse)",
+                    spread, COLLAPSED_SPREAD)
     report = {"arch": arch.__dict__, "pretrain": train.__dict__, "heldout": heldout_acc, "history": history,
-              "train_s": time.time() - t0, "n_train_samples": len(train_samples)}
+              "image_feature_spread": spread, "train_s": time.time() - t0, "n_train_samples": len(train_samples)}
     save_backbone(out_dir, model, tokenizer, prompt_style, arch.image_size, {"tiny": True})
     (out_dir / "training.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
