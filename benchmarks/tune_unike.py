@@ -111,6 +111,7 @@ def main() -> None:
                         for t, cases in validation.items()}
 
             def evaluate(values: dict) -> dict:
+                torch.manual_seed(config["seed"])  # W_zeta starts random per edit: every trial draws the same
                 editor = create_editor({"editor": base["editor"], "hparams": values}, backbone, prepared, knowledge)
                 rows = []
                 for task, cases in validation.items():

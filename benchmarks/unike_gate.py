@@ -78,6 +78,7 @@ def main() -> None:
             knowledge_without(layout.knowledge(name), knowledge, validation["e-vqa"] + validation["e-ic"], enc_cfg)
             prepared.mkdir()
             UniKE.prepare(backbone, hp, fit["e-vqa"] + fit["e-ic"], prepared, config["seed"], knowledge=knowledge)
+            torch.manual_seed(config["seed"])  # W_zeta starts random per edit, as in an edit_eval job
             editor = create_editor(method, backbone, prepared, knowledge)
             alphas = {l: {phase: {r: [] for r in ROWS} for phase in ("before_edit", "after_edit")}
                       for l in editor.layers}
