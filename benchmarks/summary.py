@@ -4,6 +4,7 @@
     python benchmarks/per_edit.py --config config.yaml
     python benchmarks/training_cost.py results    # after a default DAG run
     python benchmarks/tune_unike.py --config config.yaml
+    python benchmarks/gpu_resources.py --scale full     # on a GPU machine
     python benchmarks/summary.py
 """
 
@@ -32,9 +33,12 @@ def main() -> None:
                 lines.append(f"|  | *{r['note']}* | | | | |")
     if "tiny-backbones" in results:
         lines += ["", "## Tiny backbones (default config, `pretrain_backbone`)", "",
-                  "| backbone | held-out answer-token accuracy | exact match | training time |", "| --- | --- | --- | --- |"]
+                  "| backbone | held-out answer-token accuracy | exact match | image-feature spread | training time |",
+                  "| --- | --- | --- | --- | --- |"]
         for name, r in sorted(results["tiny-backbones"].items()):
-            lines.append(f"| {name} | {100 * r['token_acc']:.1f}% | {100 * r['exact_match']:.1f}% | {r['train_s']:.0f} s |")
+            spread = f"{r['image_feature_spread']:.2f}" if "image_feature_spread" in r else "not recorded"
+            lines.append(f"| {name} | {100 * r['token_acc']:.1f}% | {100 * r['exact_match']:.1f}% | {spread} "
+                         f"| {r['train_s']:.0f} s |")
     r = results.get("per_edit")
     if r:
         lines += ["", f"## Per edit: harness against the plain way (`per_edit.py`, {r['method']}, {r['device']})", "",
@@ -54,19 +58,94 @@ def main() -> None:
                   "prepares: `docs/baselines.md`.", "", *training_cost_table(r["rows"])]
     r = results.get("unike_tuning")
     if r:
+        n_val = {n: sum(b["validation_cases"].values()) for n, b in r["backbones"].items()}
+        changed = {k: v for k, v in r["chosen"].items() if r["start"].get(k, v) != v} or "none (the start is best)"
         lines += ["", f"## UniKE hyperparameters on a validation split of the train data (`tune_unike.py`, from `{r['method']}`)",
-                  "", f"{100 * r['validation_share']:.0f}% of each task's train cases held out; triplet memory, encoders "
-                  "and FFN memory rebuilt without them; coordinate-wise search, score = mean of Rel, Gen, Loc "
-                  "(validation, both tasks). The eval split is never used.", "",
-                  "| backbone | validation cases | start: mean (Rel / Gen / Loc) | chosen | chosen: mean (Rel / Gen / Loc) | trials |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "", f"{100 * r['validation_share']:.0f}% of each task's train cases held out "
+                  f"({', '.join(f'{n}: {k}' for n, k in sorted(n_val.items()))} cases); triplet memory, encoders "
+                  "and FFN memory rebuilt without them; coordinate-wise search over "
+                  f"{', '.join(sorted(r['candidates']))}; score = mean over both backbones of the mean of Rel, Gen, "
+                  f"Loc (validation, both tasks); {len(r['trials'])} trials. The eval split is never used. "
+                  f"Changed from the start: {changed}.", "",
+                  "| backbone | start: mean (Rel / Gen / Loc) | chosen: mean (Rel / Gen / Loc) |", "| --- | --- | --- |"]
+
+        def cell(b: dict) -> str:
+            return f"{100 * b['mean']:.1f} ({100 * b['rel']:.1f} / {100 * b['gen']:.1f} / {100 * b['loc']:.1f})"
+
+        for name in sorted(r["backbones"]):
+            lines.append(f"| {name} | {cell(r['start_scores']['backbones'][name])} "
+                         f"| {cell(r['chosen_scores']['backbones'][name])} |")
+        lines.append(f"| both (the score) | {100 * r['start_scores']['mean']:.1f} | {100 * r['chosen_scores']['mean']:.1f} |")
+    r = results.get("unike_gate")
+    if r:
+        lines += ["", f"## UniKE's adaptive alpha: related against unrelated inputs (`unike_gate.py`, from `{r['method']}`)",
+                  "", "The same validation split as above. Mean alpha per scored row after the case's edit, per edited "
+                  "layer, and the AUC of alpha between the rows the edit should reach (Rel, T-Gen, M-Gen) and each "
+                  "locality row: 1.0 = every related input weighs the knowledge more than every unrelated one, "
+                  "0.5 = no better than chance.", "",
+                  "| backbone | layer | Rel | T-Gen | M-Gen | T-Loc | M-Loc | AUC vs T-Loc | AUC vs M-Loc |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, b in sorted(r["backbones"].items()):
-            s, c = b["start"], b["chosen_scores"]
-            changed = {k: v for k, v in b["chosen"].items() if r["start"].get(k, v) != v} or "(the start)"
-            lines.append(f"| {name} | {sum(b['validation_cases'].values())} | {100 * s['mean']:.1f} ({100 * s['rel']:.1f} / "
-                         f"{100 * s['gen']:.1f} / {100 * s['loc']:.1f}) | {changed} | {100 * c['mean']:.1f} "
-                         f"({100 * c['rel']:.1f} / {100 * c['gen']:.1f} / {100 * c['loc']:.1f}) | {len(b['trials'])} |")
+            for layer, f in sorted(b["layers"].items(), key=lambda kv: int(kv[0])):
+                a, auc = f["after_edit"]["mean_alpha"], f["after_edit"]["auc"]
+                lines.append(f"| {name} | {layer} | " + " | ".join(f"{a[row]:.2f}" for row in
+                             ("rel", "t_gen", "m_gen", "t_loc", "m_loc")) + f" | {auc['t_loc']:.2f} | {auc['m_loc']:.2f} |")
+    if "gpu_resources" in results:
+        lines += ["", *gpu_resources_section(results["gpu_resources"])]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+def _gib(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def gpu_resources_section(r: dict) -> list[str]:
+    """Seconds per edit and peak GPU memory per backbone and method (`gpu_resources.py`)."""
+    scale = "full size" if r["scale"] == "full" else "tiny scale: checks the script only, the figures mean nothing"
+    lines = [f"## Resources per method, random weights (`gpu_resources.py`, {r['device']}, {r['dtype']}, {scale})", "",
+             "Both paper architectures with random weights (speed and memory do not depend on them, except for "
+             "methods that stop once the edit is right: see the passes column), the paper config's method "
+             f"hyperparameters, {r['cases']} one-step E-VQA edits per method after one warm-up edit. s/edit: the "
+             "harness's edit time (median); incl. eval: wall time per case of edit, the five scored inputs as one "
+             "batch, scoring and restore. Peak: `torch.cuda.max_memory_allocated` of editing (editor creation and "
+             f"edits) and of `prepare`, whose training loops (KE, MEND, SERAC) ran {r['prepare_steps']} steps "
+             "(per-step cost and peak are a full run's; the prepare time is not). Passes: forward passes of the "
+             "top decoder layer per case, edit and evaluation. Tokens: the tiny world's word-level tokenizer. "
+             f"Measured {r['date']}, {r['wall_s'] / 60:.1f} min in all"
+             + ("." if r["complete"] else "; the run stopped before the end (incomplete)."), "",
+             "| backbone | method | s/edit | s/edit incl. eval | peak GiB, editing | peak GiB, prepare | prepare | "
+             "passes | targets |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    verdict = {True: "pass", False: "FAIL", None: "not checked"}
+    checks: dict[tuple[str, str], list[str]] = {}
+    for c in r["checks"]:
+        label = f"<= {c['limit']:g} {c['unit']}: {verdict[c['pass']]}"
+        checks.setdefault((c["backbone"], c["method"]), []).append(label)
+    for name, b in r["backbones"].items():
+        if "error" in b:
+            lines.append(f"| {name} | all | failed: {b['error'][:120]} | | | | | | |")
+        for method, m in b.get("methods", {}).items():
+            targets = "; ".join(checks.get((name, method), [])) or "-"
+            if m["status"] != "ok":
+                lines.append(f"| {name} | {method} | failed at {m['stage']}: {m['error'][:120]} | | | | | "
+                             f"| {targets} |")
+                continue
+            prepare = m.get("prepare", {})
+            prepare_s = f"{prepare['s']:.1f} s" if prepare else "-"
+            lines.append(f"| {name} | {method} | {m['edit_s_median']:.3f} | {m['s_per_case']:.3f} "
+                         f"| {_gib(m['peak_gib'])} | {_gib(prepare.get('peak_gib'))} | {prepare_s} "
+                         f"| {m['top_layer_passes_per_case']:.0f} | {targets} |")
+    for name, b in r["backbones"].items():
+        if "parameters" in b:
+            lines += ["", f"{name}: {b['parameters']['total']:,} parameters, {_gib(b['model_gib'])} GiB after "
+                          f"building, images at {b['image_size']} px."]
+        k = b.get("knowledge")
+        if k:
+            extra_gib = (k["config_n_triplets"] - k["triplets"]) * k["state_bytes_per_triplet"] / 2**30
+            lines.append(f"UniKE's knowledge states ({k['state_bytes_per_triplet'] / 2**10:.0f} KiB per triplet, on "
+                         f"the device) were measured with {k['triplets']} triplets; a knowledge folder of "
+                         f"knowledge.n_triplets = {k['config_n_triplets']} would add about {extra_gib:.1f} GiB "
+                         "(arithmetic, not measured).")
+    return lines
 
 
 if __name__ == "__main__":

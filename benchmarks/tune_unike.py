@@ -9,8 +9,9 @@ predictions of the validation cases are computed here.
 
 The search is coordinate-wise from the config's `unike` entry: each hyperparameter in
 turn takes each of its candidate values with the others at their current best, and the
-best value (mean of Rel, Gen, Loc over both tasks, Gen and Loc each the mean of their T-
-and M- parts, as Table 5) is kept before the next one. Writes
+best value is kept before the next one. The score is the mean over the backbones of the
+mean of Rel, Gen, Loc over both tasks (Gen and Loc each the mean of their T- and M- parts,
+as Table 5): one config entry serves every backbone, as the paper's one setting does. Writes
 benchmarks/results/unike_tuning.json; needs a finished default run (`snakemake --cores 2`).
 
     python benchmarks/tune_unike.py --config config.yaml
@@ -91,60 +92,66 @@ def main() -> None:
     torch.set_num_threads(config["threads"])
     base = config["methods"][args.method]
     enc_cfg = EncoderConfig(**{"seed": config["seed"], **config.get("knowledge", {}).get("encoders", {})})
-    report = {"method": args.method, "start": base.get("hparams", {}), "validation_share": VALIDATION_SHARE,
-              "candidates": CANDIDATES, "backbones": {}}
-    for name in config["backbones"]:
-        t0 = time.time()
-        backbone = load_backbone(name, layout.backbone_dir(name))
-        fit, validation = {}, {}
-        for task in ("e-vqa", "e-ic"):
-            cases = load_cases(layout.annotations(name) / SPLIT_FILES[(task, "train")], task, layout.image_root)
-            fit[task], validation[task] = split_train(cases, config["seed"])
-        with tempfile.TemporaryDirectory() as tmp:
-            knowledge, prepared = Path(tmp) / "knowledge", Path(tmp) / "prepared"
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        setups = {}  # backbone -> what one evaluation needs
+        for name in config["backbones"]:
+            backbone = load_backbone(name, layout.backbone_dir(name))
+            fit, validation = {}, {}
+            for task in ("e-vqa", "e-ic"):
+                cases = load_cases(layout.annotations(name) / SPLIT_FILES[(task, "train")], task, layout.image_root)
+                fit[task], validation[task] = split_train(cases, config["seed"])
+            knowledge, prepared = Path(tmp) / name / "knowledge", Path(tmp) / name / "prepared"
             removed = knowledge_without(layout.knowledge(name), knowledge, validation["e-vqa"] + validation["e-ic"],
                                         enc_cfg)
             prepared.mkdir()
-            hp = UniKEHparams(**base.get("hparams", {}))
-            UniKE.prepare(backbone, hp, fit["e-vqa"] + fit["e-ic"], prepared, config["seed"], knowledge=knowledge)
+            UniKE.prepare(backbone, UniKEHparams(**base.get("hparams", {})), fit["e-vqa"] + fit["e-ic"], prepared,
+                          config["seed"], knowledge=knowledge)
             pre_edit = {t: pre_edit_tensors(pre_edit_predictions(backbone, cases), cases)
                         for t, cases in validation.items()}
+            setups[name] = {"backbone": backbone, "validation": validation, "knowledge": knowledge,
+                            "prepared": prepared, "pre_edit": pre_edit, "triplets_removed": removed}
 
-            def evaluate(values: dict) -> dict:
+        def evaluate(values: dict) -> dict:
+            """Scores per backbone and their mean: one setting serves both, as one config entry does."""
+            per_backbone = {}
+            for name, st in setups.items():
                 torch.manual_seed(config["seed"])  # W_zeta starts random per edit: every trial draws the same
-                editor = create_editor({"editor": base["editor"], "hparams": values}, backbone, prepared, knowledge)
+                editor = create_editor({"editor": base["editor"], "hparams": values}, st["backbone"], st["prepared"],
+                                       st["knowledge"])
                 rows = []
-                for task, cases in validation.items():
+                for task, cases in st["validation"].items():
                     rows += run_sequences(editor, make_sequences({task: cases}, "one-step", config["seed"]),
-                                          pre_edit[task], progress_every=10**9)
+                                          st["pre_edit"][task], progress_every=10**9)
                 editor.close()
-                return score(rows)
+                per_backbone[name] = score(rows)
+            return {"values": dict(values), "backbones": per_backbone,
+                    "mean": sum(b["mean"] for b in per_backbone.values()) / len(per_backbone)}
 
-            best = asdict(hp)
-            trials = [{"values": dict(best), **evaluate(best)}]
-            for field, candidates in CANDIDATES.items():
-                results = {}
-                for value in sorted(set(candidates) | {best[field]}):
-                    values = {**best, field: value}
-                    if value == best[field]:
-                        results[value] = next(t for t in trials if t["values"] == values)
-                    else:
-                        results[value] = {"values": values, **evaluate(values)}
-                        trials.append(results[value])
-                    print(name, field, value, {k: round(v, 3) for k, v in results[value].items() if k != "values"},
-                          flush=True)
-                best[field] = max(results, key=lambda v: (results[v]["mean"], v == best[field]))
-        chosen = next(t for t in trials if t["values"] == best)
-        report["backbones"][name] = {
-            "validation_cases": {t: len(c) for t, c in validation.items()}, "triplets_removed": removed,
-            "start": {k: v for k, v in trials[0].items() if k != "values"},
-            "chosen": {f: best[f] for f in CANDIDATES}, "chosen_scores": {k: v for k, v in chosen.items() if k != "values"},
-            "trials": [{"values": {f: t["values"][f] for f in CANDIDATES}, **{k: v for k, v in t.items() if k != "values"}}
-                       for t in trials],
-            "seconds": round(time.time() - t0, 1)}
+        best = asdict(UniKEHparams(**base.get("hparams", {})))
+        trials = [evaluate(best)]
+        for field, candidates in CANDIDATES.items():
+            results = {}
+            for value in sorted(set(candidates) | {best[field]}):
+                values = {**best, field: value}
+                trial = next((t for t in trials if t["values"] == values), None)
+                if trial is None:
+                    trial = evaluate(values)
+                    trials.append(trial)
+                results[value] = trial
+                print(field, value, round(results[value]["mean"], 4),
+                      {n: round(b["mean"], 4) for n, b in results[value]["backbones"].items()}, flush=True)
+            best[field] = max(results, key=lambda v: (results[v]["mean"], v == best[field]))
+    searched = [{**t, "values": {f: t["values"][f] for f in CANDIDATES}} for t in trials]
+    chosen = {f: best[f] for f in CANDIDATES}
+    report = {"method": args.method, "start": base.get("hparams", {}), "validation_share": VALIDATION_SHARE,
+              "candidates": CANDIDATES, "chosen": chosen, "trials": searched, "start_scores": searched[0],
+              "chosen_scores": next(t for t in searched if t["values"] == chosen), "seconds": round(time.time() - t0, 1),
+              "backbones": {n: {"validation_cases": {t: len(c) for t, c in st["validation"].items()},
+                                "triplets_removed": st["triplets_removed"]} for n, st in setups.items()}}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    print(json.dumps({n: b["chosen"] for n, b in report["backbones"].items()}))
+    print(json.dumps(report["chosen"]))
 
 
 if __name__ == "__main__":
