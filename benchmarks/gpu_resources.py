@@ -49,7 +49,7 @@ import yaml
 
 from unike.backbones import IMAGE_TOKEN, Backbone, _check_image_token
 from unike.cli import _torch_setup
-from unike.config import SPLIT_FILES, edited_layers, merge_overlays
+from unike.config import SPLIT_FILES, edited_layers, merge_overlays, method_entry
 from unike.convert_minigpt4 import qformer_config, required_keys, vision_config
 from unike.data import load_cases
 from unike.editing import create_editor, parse_hparams, resolve_editor
@@ -291,11 +291,12 @@ class MethodSetup:
     changed: dict  # hyperparameter -> {"config": ..., "used": ...}
 
 
-def method_setup(name: str, config: dict, prepare_steps: int, stand_in) -> MethodSetup:
-    """The configured method with its training loops cut to `prepare_steps` (0: as
-    configured) and its auxiliary models replaced by stand-ins (`stand_in(name) -> Path`)."""
-    entry = config["methods"][name]
-    spec, values = entry["editor"], dict(entry.get("hparams", {}))
+def method_setup(name: str, config: dict, backbone: str, prepare_steps: int, stand_in) -> MethodSetup:
+    """The configured method as it runs on `backbone`, with its training loops cut to
+    `prepare_steps` (0: as configured) and its auxiliary models replaced by stand-ins
+    (`stand_in(name) -> Path`)."""
+    entry = method_entry(config, name, backbone)
+    spec, values = entry["editor"], dict(entry["hparams"])
     cls = resolve_editor(spec)
     configured = dataclasses.asdict(parse_hparams(cls.Hparams, values, name))
     used, shown = {}, {}
@@ -400,9 +401,10 @@ def measure_method(setup: MethodSetup, backbone: Backbone, cases: Cases, pre_edi
 
 
 # ---------------------------------------------------------------- the run
-def measure_backbone(name: str, record: dict, args, config: dict, cases: Cases, tokenizer, setups: list[MethodSetup],
+def measure_backbone(name: str, record: dict, args, config: dict, cases: Cases, tokenizer, stand_in,
                      work: Path, clock: Clock, write, t_start: float) -> None:
     """Fills `record` as it goes, so that a failure keeps what was measured."""
+    setups = [method_setup(method, config, name, args.prepare_steps, stand_in) for method in args.methods]
     entry = config["backbones"][name]
     vision, text = ARCHITECTURES[args.scale][name]
     # The paper config's image size (364: EasyEdit's, interpolated from the native 224),
@@ -557,14 +559,13 @@ def main(argv=None) -> None:
                 result["stand_ins"][aux] = {"model_type": model_type, **fields, "weights": "random, float32"}
             return stand_in_paths[aux]
 
-        setups = [method_setup(name, config, args.prepare_steps, stand_in) for name in args.methods]
         result["tokenizer_size"] = len(tokenizer)
         progress(f"{len(cases.train)} train / {len(cases.eval)} eval cases; methods {args.methods}; "
                  f"{args.scale} size on {device_name}, {result['dtype']}", t_start)
         for name in args.backbones:
             record = result["backbones"][name] = {}
             try:
-                measure_backbone(name, record, args, config, cases, tokenizer, setups, work, clock, write, t_start)
+                measure_backbone(name, record, args, config, cases, tokenizer, stand_in, work, clock, write, t_start)
             except Exception as e:  # noqa: BLE001 - e.g. an OOM building the model: go on with the next
                 traceback.print_exc()
                 record["error"] = f"{type(e).__name__}: {e}"[:2000]

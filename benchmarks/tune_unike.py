@@ -91,6 +91,8 @@ def main() -> None:
     layout = Layout(config)
     torch.set_num_threads(config["threads"])
     base = config["methods"][args.method]
+    if base.get("backbone_hparams"):
+        raise SystemExit(f"{args.method} has backbone_hparams: this search looks for one setting for every backbone")
     enc_cfg = EncoderConfig(**{"seed": config["seed"], **config.get("knowledge", {}).get("encoders", {})})
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ import torch
 
 from tune_unike import knowledge_without, split_train  # this script's folder is on sys.path
 from unike.backbones import load_backbone
-from unike.config import SPLIT_FILES, Layout, load_config
+from unike.config import SPLIT_FILES, Layout, load_config, method_entry
 from unike.data import ROWS, case_samples, load_cases
 from unike.editing import create_editor
 from unike.method.editor import UniKE, UniKEHparams
@@ -79,7 +79,7 @@ def main() -> None:
             prepared.mkdir()
             UniKE.prepare(backbone, hp, fit["e-vqa"] + fit["e-ic"], prepared, config["seed"], knowledge=knowledge)
             torch.manual_seed(config["seed"])  # W_zeta starts random per edit, as in an edit_eval job
-            editor = create_editor(method, backbone, prepared, knowledge)
+            editor = create_editor(method_entry(config, args.method, name), backbone, prepared, knowledge)
             alphas = {l: {phase: {r: [] for r in ROWS} for phase in ("before_edit", "after_edit")}
                       for l in editor.layers}
 

@@ -37,9 +37,32 @@ def test_default_config_is_valid_and_lists_the_grid(config):
                                  "tasks": ["cross-task"], "regimes": ["cross-10"]}),
      r"methods\.unike-intrin\+ike .* cannot run regime\(s\) \['cross-10'\]"),
     (lambda c: c["methods"]["unike"]["hparams"].update(n_neuron=3), r"methods\.unike.*unknown hyperparameter"),
+    (lambda c: c["methods"]["ft"].update(backbone_hparams={"llava": {"lr": 1.0}}),
+     r"methods\.ft\.backbone_hparams: unknown backbone name\(s\) \['llava'\]"),
+    (lambda c: c["methods"]["ft"].update(backbone_hparams={"tiny-minigpt4": {"learning_rate": 1.0}}),
+     r"methods\.ft on tiny-minigpt4: unknown hyperparameter"),
+    # a per-backbone value can make a method non-stacking on that backbone only
+    (lambda c: c["methods"]["unike"].update(backbone_hparams={"tiny-minigpt4": {"external": "ike", "zeta": "none"}}),
+     r"methods\.unike .* cannot run regime"),
 ])
 def test_bad_configs_fail_with_a_clear_message(config, mutate, message):
     bad = copy.deepcopy(config)
     mutate(bad)
     with pytest.raises(ConfigError, match=message):
         load_config(bad)
+
+
+def test_backbone_hparams_merge_over_hparams_for_that_backbone_only(config):
+    from unike.config import method_entry, methods_for
+    from unike.editing import prepare_owners
+
+    config["methods"]["tpatcher"]["backbone_hparams"] = {"tiny-minigpt4": {"lr": 0.5}}
+    config["methods"]["tpatcher-copy"] = copy.deepcopy({k: v for k, v in config["methods"]["tpatcher"].items()
+                                                        if k != "backbone_hparams"})
+    loaded = load_config(config)
+    base = config["methods"]["tpatcher"]["hparams"]
+    assert method_entry(loaded, "tpatcher", "tiny-minigpt4")["hparams"] == {**base, "lr": 0.5}
+    assert method_entry(loaded, "tpatcher", "tiny-blip2-opt")["hparams"] == base
+    # the copy shares tpatcher's prepared folder only where their hyperparameters agree
+    assert prepare_owners(methods_for(loaded, "tiny-blip2-opt"))["tpatcher-copy"] == "tpatcher"
+    assert prepare_owners(methods_for(loaded, "tiny-minigpt4"))["tpatcher-copy"] == "tpatcher-copy"

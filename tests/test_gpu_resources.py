@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from unike.config import method_entry
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark scripts import each other by name
 import gpu_resources  # noqa: E402
@@ -61,7 +63,7 @@ def test_tiny_run_measures_every_method_on_both_backbones(tiny_run):
             assert m["edit_s_median"] > 0 and m["s_per_case"] >= m["edit_s_median"] and m["warmup"]["s"] > 0
             assert m["top_layer_passes_per_case"] >= 1
             # The paper config's hyperparameters, except the training-loop lengths and stand-ins.
-            for field, value in config["methods"][method].get("hparams", {}).items():
+            for field, value in method_entry(config, method, name)["hparams"].items():
                 if field not in m["changed_hparams"]:
                     assert m["hparams"][field] == value, (method, field)
             if m["editor"] in gpu_resources.PREPARE_STEP_HPARAMS:
@@ -69,10 +71,16 @@ def test_tiny_run_measures_every_method_on_both_backbones(tiny_run):
                     assert m["hparams"][field] == PREPARE_STEPS
                     assert m["changed_hparams"][field]["used"] == PREPARE_STEPS
             assert ("prepare" in m) == (method != "ft")
-    ft = tiny_run["backbones"]["minigpt4-7b"]["methods"]["ft"]["hparams"]
-    assert ft["lr"] == 1e-4 and ft["steps"] == 15  # configs/paper.yaml's FT, not config.yaml's
-    serac = tiny_run["backbones"]["minigpt4-7b"]["methods"]["serac"]["changed_hparams"]
+    # configs/paper.yaml's FT (per-backbone learning rates), not config.yaml's
+    for name, lr in (("blip2-opt-2.7b", 2e-4), ("minigpt4-7b", 1e-4)):
+        ft = tiny_run["backbones"][name]["methods"]["ft"]["hparams"]
+        assert ft["lr"] == lr and ft["steps"] == 15
+    # SERAC: OPT-125m (a stand-in here) for BLIP-2 OPT, the backbone's own text model for MiniGPT-4
+    serac = tiny_run["backbones"]["blip2-opt-2.7b"]["methods"]["serac"]["changed_hparams"]
     assert serac["counterfactual"] == {"config": "/data/models/opt-125m", "used": "stand-in:opt-125m"}
+    serac = tiny_run["backbones"]["minigpt4-7b"]["methods"]["serac"]
+    assert "counterfactual" not in serac["changed_hparams"]
+    assert serac["hparams"]["counterfactual"] == "backbone" and serac["hparams"]["cf_layers"] == 1
     # No GPU: no memory verdicts, and none at tiny scale anyway.
     assert tiny_run["checks"] and all(c["pass"] is None for c in tiny_run["checks"])
 

@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from unike.backbones import Sample, load_backbone
-from unike.config import Cell, format_missing, grid_cells, merge_overlays, missing_paths, validate
+from unike.config import Cell, format_missing, grid_cells, merge_overlays, method_entry, missing_paths, validate
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER = REPO / "configs" / "paper.yaml"
@@ -58,6 +58,11 @@ def test_paper_config_is_complete_and_lists_the_paper_grid(paper):
     assert {Cell(m, figure4["backbone"], figure4["task"], "one-step") for m in points} <= cells
     assert {b["paper_name"] for b in paper["backbones"].values()} == {"blip2-opt", "minigpt4"}
     assert paper["data"]["source"] == "mmedit" and paper["device"] == "cuda" and paper["dtype"] == "bfloat16"
+    # SERAC's counterfactual model must share the backbone's tokenizer: OPT-125m for BLIP-2 OPT
+    # only; MiniGPT-4 uses its own Vicuna (EasyEdit's small_name), last layer trained.
+    serac = {b: method_entry(paper, "serac", b)["hparams"] for b in ("blip2-opt-2.7b", "minigpt4-7b")}
+    assert serac["blip2-opt-2.7b"]["counterfactual"].endswith("opt-125m")
+    assert serac["minigpt4-7b"]["counterfactual"] == "backbone" and serac["minigpt4-7b"]["cf_layers"] == 1
 
 
 def test_dry_run_builds_the_dag_without_tiny_world_jobs(tmp_path, paper):

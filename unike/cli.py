@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from unike.config import SPLIT_FILES, Cell, Layout, cell_config_hash, load_config
+from unike.config import SPLIT_FILES, Cell, Layout, cell_config_hash, load_config, method_entry, methods_for
 
 log = logging.getLogger("unike")
 
@@ -133,11 +133,11 @@ def cmd_prepare_editor(args) -> None:
     _torch_setup(config)
     from unike.editing import parse_hparams, prepare_owners, resolve_editor
 
-    method = config["methods"][args.method]
+    method = method_entry(config, args.method, args.backbone)
     cls = resolve_editor(method["editor"])
     if not cls.needs_training:
         raise SystemExit(f"{args.method} ({method['editor']}) needs no preparation")
-    owner = prepare_owners(config["methods"])[args.method]
+    owner = prepare_owners(methods_for(config, args.backbone))[args.method]
     if owner != args.method:
         raise SystemExit(f"{args.method} uses the folder prepared for {owner} (same editor and preparation)")
     backbone = _load_backbone(config, layout, args.backbone)
@@ -146,10 +146,10 @@ def cmd_prepare_editor(args) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     extra = {"knowledge": layout.knowledge(args.backbone)} if cls.needs_knowledge else {}
-    summary = cls.prepare(backbone, parse_hparams(cls.Hparams, method.get("hparams", {}), args.method), cases,
+    summary = cls.prepare(backbone, parse_hparams(cls.Hparams, method["hparams"], args.method), cases,
                           out_dir, config["seed"], **extra)
     record = {"method": args.method, "backbone": args.backbone, "task": args.task, "n_train_cases": len(cases),
-              "prepare_s": time.time() - t0, "hparams": method.get("hparams", {}), "summary": summary}
+              "prepare_s": time.time() - t0, "hparams": method["hparams"], "summary": summary}
     # Written last: its presence tells Snakemake the folder is complete.
     (out_dir / "prepared.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     log.info("%s prepared for %s/%s in %.1f s", args.method, args.backbone, args.task, record["prepare_s"])
@@ -260,10 +260,10 @@ def cmd_edit_eval(args) -> None:
     for task in tasks:
         cases_by_task[task] = _eval_cases(config, layout, cell.backbone, task)
         pre_edit.update(load_pre_edit(layout.pre_edit(cell.backbone, task), cases_by_task[task]))
-    method = config["methods"][cell.method]
+    method = method_entry(config, cell.method, cell.backbone)
     cls = resolve_editor(method["editor"])
-    prepared = (layout.prepared(prepare_owners(config["methods"])[cell.method], cell.backbone, cell.task)
-                if cls.needs_training else None)
+    prepared = (layout.prepared(prepare_owners(methods_for(config, cell.backbone))[cell.method], cell.backbone,
+                                cell.task) if cls.needs_training else None)
     editor = create_editor(method, backbone, prepared,
                            layout.knowledge(cell.backbone) if cls.needs_knowledge else None)
     sequences = make_sequences(cases_by_task, cell.regime, config["seed"])
@@ -279,7 +279,7 @@ def cmd_edit_eval(args) -> None:
         "config_hash": cell_config_hash(config, cell), "code_version": _code_version(),
         "metric_version": METRIC_VERSION, "device": _device_string(config), "wall_s": time.time() - t_start,
         "edit_s_mean": sum(r["edit_s"] for r in rows) / max(len(rows), 1), "peak_mem_mb": peak_mb,
-        "hparams": config["methods"][cell.method].get("hparams", {}),
+        "hparams": method["hparams"],
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
     }

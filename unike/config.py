@@ -82,7 +82,11 @@ def validate(config: dict) -> None:
         module = method["editor"].split(":")[0]
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"methods.{name}: editor module {module!r} not found")
-    _check_sequential(config)
+        unknown = sorted(set(method.get("backbone_hparams", {})) - set(config["backbones"]))
+        if unknown:
+            raise ConfigError(f"methods.{name}.backbone_hparams: unknown backbone name(s) {unknown}; "
+                              f"defined: {sorted(config['backbones'])}")
+    _check_grid_hparams(config)
     for name, b in config["backbones"].items():
         if b["source"] == "local" and "path" not in b:
             raise ConfigError(f"backbones.{name}: source 'local' needs a 'path'")
@@ -93,25 +97,39 @@ def validate(config: dict) -> None:
         raise ConfigError("data.source 'mmedit' needs data.annotations and data.image_root")
 
 
-def _check_sequential(config: dict) -> None:
-    """Methods in sequential grid cells must stack edits with their hyperparameters (IKE and
-    UniKE's Intrin+IKE cannot): fail before the DAG is built, not at edit time."""
+def method_entry(config: dict, name: str, backbone: str) -> dict:
+    """A method's entry as it runs on `backbone`: its `hparams` with `backbone_hparams[backbone]`
+    merged over them, so one method (one table row) can take per-backbone values, such as
+    VLKEB's FT learning rates or SERAC's counterfactual model on MiniGPT-4."""
+    method = config["methods"][name]
+    return {"editor": method["editor"],
+            "hparams": {**method.get("hparams", {}), **method.get("backbone_hparams", {}).get(backbone, {})}}
+
+
+def methods_for(config: dict, backbone: str) -> dict[str, dict]:
+    """Every method's entry as it runs on `backbone` (see `method_entry`)."""
+    return {name: method_entry(config, name, backbone) for name in config["methods"]}
+
+
+def _check_grid_hparams(config: dict) -> None:
+    """Every (method, backbone) of the grid parses its hyperparameters, and methods in
+    sequential cells stack edits with them (IKE and UniKE's Intrin+IKE cannot): fail
+    before the DAG is built, not in a job."""
     from unike.editing import parse_hparams, resolve_editor
 
     for i, cell in enumerate(config["grid"]):
         regimes = [r for r in cell["regimes"] if r != "one-step"]
-        if not regimes:
-            continue
         for name in cell["methods"]:
-            method = config["methods"][name]
-            try:
-                cls = resolve_editor(method["editor"])
-                hparams = parse_hparams(cls.Hparams, method.get("hparams", {}), f"methods.{name}")
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            if not cls.supports_sequential(hparams):
-                raise ConfigError(f"grid[{i}]: methods.{name} ({method['editor']}) edits one case at a time "
-                                  f"with these hyperparameters; it cannot run regime(s) {regimes}")
+            for backbone in cell["backbones"]:
+                entry = method_entry(config, name, backbone)
+                try:
+                    cls = resolve_editor(entry["editor"])
+                    hparams = parse_hparams(cls.Hparams, entry["hparams"], f"methods.{name} on {backbone}")
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+                if regimes and not cls.supports_sequential(hparams):
+                    raise ConfigError(f"grid[{i}]: methods.{name} ({entry['editor']}) edits one case at a time "
+                                      f"with these hyperparameters; it cannot run regime(s) {regimes}")
 
 
 @dataclass(frozen=True, order=True)

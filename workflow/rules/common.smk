@@ -63,11 +63,12 @@ def editor_flag(method, flag):
 
 
 @functools.cache
-def prepare_owners():
-    """Method -> the method whose prepared folder it uses (variants share one)."""
+def prepare_owners(backbone):
+    """Method -> the method whose prepared folder it uses on `backbone` (variants share one)."""
+    from unike.config import methods_for
     from unike.editing import prepare_owners
 
-    return prepare_owners(config["methods"])
+    return prepare_owners(methods_for(config, backbone))
 
 
 def knowledge_files(wildcards):

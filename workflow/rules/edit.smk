@@ -62,7 +62,7 @@ rule prepare_editor:
 def prepared_editor(wildcards):
     if not editor_flag(wildcards.method, "needs_training"):
         return []
-    owner = prepare_owners()[wildcards.method]
+    owner = prepare_owners(wildcards.backbone)[wildcards.method]
     return [str(LAYOUT.prepared(owner, wildcards.backbone, wildcards.task) / "prepared.json")]
 
 
