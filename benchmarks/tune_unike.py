@@ -74,6 +74,24 @@ def knowledge_without(source: Path, target: Path, validation: list, enc_cfg: Enc
     return len(triplets) - len(keep)
 
 
+def validation_setup(config: dict, layout: Layout, name: str, hparams: UniKEHparams, root: Path) -> dict:
+    """Backbone `name` with a validation split of its train cases (both tasks) held out of
+    everything UniKE learns from the train split: knowledge and encoders (`knowledge_without`)
+    and the prepared FFN memory, written under `root`."""
+    enc_cfg = EncoderConfig(**{"seed": config["seed"], **config.get("knowledge", {}).get("encoders", {})})
+    backbone = load_backbone(name, layout.backbone_dir(name))
+    fit, validation = {}, {}
+    for task in ("e-vqa", "e-ic"):
+        cases = load_cases(layout.annotations(name) / SPLIT_FILES[(task, "train")], task, layout.image_root)
+        fit[task], validation[task] = split_train(cases, config["seed"])
+    knowledge, prepared = root / name / "knowledge", root / name / "prepared"
+    removed = knowledge_without(layout.knowledge(name), knowledge, validation["e-vqa"] + validation["e-ic"], enc_cfg)
+    prepared.mkdir()
+    UniKE.prepare(backbone, hparams, fit["e-vqa"] + fit["e-ic"], prepared, config["seed"], knowledge=knowledge)
+    return {"backbone": backbone, "validation": validation, "knowledge": knowledge, "prepared": prepared,
+            "triplets_removed": removed}
+
+
 def score(rows: list[dict]) -> dict[str, float]:
     n = len(rows)
     rel = sum(r["rel"] for r in rows) / n
@@ -93,26 +111,13 @@ def main() -> None:
     base = config["methods"][args.method]
     if base.get("backbone_hparams"):
         raise SystemExit(f"{args.method} has backbone_hparams: this search looks for one setting for every backbone")
-    enc_cfg = EncoderConfig(**{"seed": config["seed"], **config.get("knowledge", {}).get("encoders", {})})
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         setups = {}  # backbone -> what one evaluation needs
         for name in config["backbones"]:
-            backbone = load_backbone(name, layout.backbone_dir(name))
-            fit, validation = {}, {}
-            for task in ("e-vqa", "e-ic"):
-                cases = load_cases(layout.annotations(name) / SPLIT_FILES[(task, "train")], task, layout.image_root)
-                fit[task], validation[task] = split_train(cases, config["seed"])
-            knowledge, prepared = Path(tmp) / name / "knowledge", Path(tmp) / name / "prepared"
-            removed = knowledge_without(layout.knowledge(name), knowledge, validation["e-vqa"] + validation["e-ic"],
-                                        enc_cfg)
-            prepared.mkdir()
-            UniKE.prepare(backbone, UniKEHparams(**base.get("hparams", {})), fit["e-vqa"] + fit["e-ic"], prepared,
-                          config["seed"], knowledge=knowledge)
-            pre_edit = {t: pre_edit_tensors(pre_edit_predictions(backbone, cases), cases)
-                        for t, cases in validation.items()}
-            setups[name] = {"backbone": backbone, "validation": validation, "knowledge": knowledge,
-                            "prepared": prepared, "pre_edit": pre_edit, "triplets_removed": removed}
+            st = setups[name] = validation_setup(config, layout, name, UniKEHparams(**base.get("hparams", {})), Path(tmp))
+            st["pre_edit"] = {t: pre_edit_tensors(pre_edit_predictions(st["backbone"], cases), cases)
+                              for t, cases in st["validation"].items()}
 
         def evaluate(values: dict) -> dict:
             """Scores per backbone and their mean: one setting serves both, as one config entry does."""

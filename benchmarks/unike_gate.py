@@ -24,13 +24,11 @@ from pathlib import Path
 
 import torch
 
-from tune_unike import knowledge_without, split_train  # this script's folder is on sys.path
-from unike.backbones import load_backbone
-from unike.config import SPLIT_FILES, Layout, load_config, method_entry
-from unike.data import ROWS, case_samples, load_cases
+from tune_unike import validation_setup  # this script's folder is on sys.path
+from unike.config import Layout, load_config, method_entry
+from unike.data import ROWS, case_samples
 from unike.editing import create_editor
-from unike.method.editor import UniKE, UniKEHparams
-from unike.method.encoders import EncoderConfig
+from unike.method.editor import UniKEHparams
 
 RESULTS = Path(__file__).resolve().parent / "results" / "unike_gate.json"
 RELATED, UNRELATED = ("rel", "t_gen", "m_gen"), ("t_loc", "m_loc")
@@ -64,22 +62,15 @@ def main() -> None:
     hp = UniKEHparams(**method.get("hparams", {}))
     if hp.external != "latent" or hp.alpha is not None:
         raise SystemExit(f"{args.method}: needs latent knowledge with the adaptive alpha (external: latent, no alpha)")
-    enc_cfg = EncoderConfig(**{"seed": config["seed"], **config.get("knowledge", {}).get("encoders", {})})
     report = {"method": args.method, "hparams": method.get("hparams", {}), "backbones": {}}
     for name in config["backbones"]:
         t0 = time.time()
-        backbone = load_backbone(name, layout.backbone_dir(name))
-        fit, validation = {}, {}
-        for task in ("e-vqa", "e-ic"):
-            cases = load_cases(layout.annotations(name) / SPLIT_FILES[(task, "train")], task, layout.image_root)
-            fit[task], validation[task] = split_train(cases, config["seed"])
         with tempfile.TemporaryDirectory() as tmp:
-            knowledge, prepared = Path(tmp) / "knowledge", Path(tmp) / "prepared"
-            knowledge_without(layout.knowledge(name), knowledge, validation["e-vqa"] + validation["e-ic"], enc_cfg)
-            prepared.mkdir()
-            UniKE.prepare(backbone, hp, fit["e-vqa"] + fit["e-ic"], prepared, config["seed"], knowledge=knowledge)
+            st = validation_setup(config, layout, name, hp, Path(tmp))
+            validation = st["validation"]
             torch.manual_seed(config["seed"])  # W_zeta starts random per edit, as in an edit_eval job
-            editor = create_editor(method_entry(config, args.method, name), backbone, prepared, knowledge)
+            editor = create_editor(method_entry(config, args.method, name), st["backbone"], st["prepared"],
+                                   st["knowledge"])
             alphas = {l: {phase: {r: [] for r in ROWS} for phase in ("before_edit", "after_edit")}
                       for l in editor.layers}
 
