@@ -56,7 +56,7 @@ from unike.editing import create_editor, parse_hparams, resolve_editor
 from unike.harness import load_pre_edit, make_sequences, pre_edit_predictions, run_sequences, save_pre_edit
 from unike.method.encoders import EncoderConfig, pretrain_encoders
 from unike.method.knowledge import collect_triplets, extract_hidden_states, save_hidden_states, save_triplets
-from unike.tiny import TinyArch, build_tokenizer
+from unike.tiny import TinyArch, build_tokenizer, text_config
 from unike.world import WorldConfig, generate_world, vocabulary
 
 HERE = Path(__file__).resolve().parent
@@ -205,26 +205,17 @@ def checkpoint_shapes(v: VisionSide) -> dict[str, torch.Tensor]:
 
 
 def blip2_config(vision: VisionSide, text: TextSide, tokenizer):
-    from transformers import Blip2Config, LlamaConfig, OPTConfig
+    from transformers import Blip2Config
 
     shapes = checkpoint_shapes(vision)
     vocab = text.vocab or len(tokenizer)
     if vocab < len(tokenizer):
         raise ValueError(f"{vocab} embedding rows cannot hold the tokenizer's {len(tokenizer)} ids")
-    ids = dict(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id)
-    if text.model_type == "opt":
-        text_config = OPTConfig(hidden_size=text.hidden, num_hidden_layers=text.layers, ffn_dim=text.ffn,
-                                num_attention_heads=text.heads, word_embed_proj_dim=text.hidden,
-                                max_position_embeddings=text.max_positions, **ids)
-    else:
-        text_config = LlamaConfig(hidden_size=text.hidden, num_hidden_layers=text.layers, intermediate_size=text.ffn,
-                                  num_attention_heads=text.heads, num_key_value_heads=text.heads,
-                                  max_position_embeddings=text.max_positions, rms_norm_eps=1e-6,
-                                  tie_word_embeddings=False, **ids)
+    text_side = text_config(text.model_type, text.hidden, text.layers, text.heads, text.ffn, text.max_positions,
+                            tokenizer, vocab)
     return Blip2Config(vision_config=vision_config(shapes, vision.layers, vision.heads),
                        qformer_config=qformer_config(shapes, vision.qformer_heads),
-                       text_config=text_config.to_dict(), num_query_tokens=vision.queries,
+                       text_config=text_side.to_dict(), num_query_tokens=vision.queries,
                        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
 
 

@@ -100,14 +100,20 @@ def score(rows: list[dict]) -> dict[str, float]:
     return {"rel": rel, "gen": gen, "loc": loc, "mean": (rel + gen + loc) / 3}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def validation_command(description: str, method_help: str) -> tuple[argparse.Namespace, dict, Layout]:
+    """The command line of the validation-split scripts (this one, unike_gate.py): --config
+    and --method; torch threads as the config says."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config.yaml")
-    parser.add_argument("--method", default="unike", help="the config entry whose hyperparameters start the search")
+    parser.add_argument("--method", default="unike", help=method_help)
     args = parser.parse_args()
     config = load_config(args.config)
-    layout = Layout(config)
     torch.set_num_threads(config["threads"])
+    return args, config, Layout(config)
+
+
+def main() -> None:
+    args, config, layout = validation_command(__doc__, "the config entry whose hyperparameters start the search")
     base = config["methods"][args.method]
     if base.get("backbone_hparams"):
         raise SystemExit(f"{args.method} has backbone_hparams: this search looks for one setting for every backbone")

@@ -16,7 +16,6 @@ finished default run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -24,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from tune_unike import validation_setup  # this script's folder is on sys.path
-from unike.config import Layout, load_config, method_entry
+from tune_unike import validation_command, validation_setup  # this script's folder is on sys.path
+from unike.config import method_entry
 from unike.data import ROWS, case_samples
 from unike.editing import create_editor
 from unike.method.editor import UniKEHparams
@@ -51,26 +50,20 @@ def gate_figures(alphas: dict[str, dict[str, list[float]]]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="config.yaml")
-    parser.add_argument("--method", default="unike", help="a config entry with adaptive alpha and latent knowledge")
-    args = parser.parse_args()
-    config = load_config(args.config)
-    layout = Layout(config)
-    torch.set_num_threads(config["threads"])
-    method = config["methods"][args.method]
-    hp = UniKEHparams(**method.get("hparams", {}))
-    if hp.external != "latent" or hp.alpha is not None:
-        raise SystemExit(f"{args.method}: needs latent knowledge with the adaptive alpha (external: latent, no alpha)")
-    report = {"method": args.method, "hparams": method.get("hparams", {}), "backbones": {}}
+    args, config, layout = validation_command(__doc__, "a config entry with adaptive alpha and latent knowledge")
+    report = {"method": args.method, "hparams": config["methods"][args.method].get("hparams", {}), "backbones": {}}
     for name in config["backbones"]:
         t0 = time.time()
+        entry = method_entry(config, args.method, name)
+        hp = UniKEHparams(**entry["hparams"])
+        if hp.external != "latent" or hp.alpha is not None:
+            raise SystemExit(f"{args.method} on {name}: needs latent knowledge with the adaptive alpha "
+                             "(external: latent, no alpha)")
         with tempfile.TemporaryDirectory() as tmp:
             st = validation_setup(config, layout, name, hp, Path(tmp))
             validation = st["validation"]
             torch.manual_seed(config["seed"])  # W_zeta starts random per edit, as in an edit_eval job
-            editor = create_editor(method_entry(config, args.method, name), st["backbone"], st["prepared"],
-                                   st["knowledge"])
+            editor = create_editor(entry, st["backbone"], st["prepared"], st["knowledge"])
             alphas = {l: {phase: {r: [] for r in ROWS} for phase in ("before_edit", "after_edit")}
                       for l in editor.layers}
 

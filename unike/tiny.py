@@ -43,8 +43,8 @@ class TinyArch:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    # 900 steps at lr 2e-3 collapsed the Q-Former to image-independent outputs (names at
-    # chance, 54-57% held-out); 450 at 1e-3 gives 81% (OPT) and 88% (LLaMA) in a third of the time.
+    # 900 steps at lr 2e-3 collapsed the Q-Former to image-independent outputs (docs/tiny-world.md);
+    # this schedule does not, in half the time (held-out accuracy: benchmarks/RESULTS.md).
     steps: int = 450
     batch_size: int = 64
     lr: float = 1e-3
@@ -70,6 +70,27 @@ def build_tokenizer(words: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS, additional_special_tokens=[IMAGE_TOKEN])
 
 
+def text_config(kind: str, hidden: int, layers: int, heads: int, ffn: int, max_positions: int, tokenizer,
+                vocab_size: int | None = None):
+    """An OPT or LLaMA text config (LLaMA: untied embeddings, no grouped KV heads, as
+    Vicuna-7B); `vocab_size` rows, by default the tokenizer's size."""
+    ids = dict(vocab_size=vocab_size or len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if kind == "opt":
+        from transformers import OPTConfig
+
+        return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn, num_attention_heads=heads,
+                         word_embed_proj_dim=hidden, max_position_embeddings=max_positions,
+                         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **ids)
+    if kind == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=ffn,
+                           num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+                           tie_word_embeddings=False, **ids)
+    raise ValueError(f"unknown text model {kind!r}")
+
+
 def build_model(arch: TinyArch, tokenizer):
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig
 
@@ -83,22 +104,7 @@ def build_model(arch: TinyArch, tokenizer):
         intermediate_size=4 * arch.vision_hidden, cross_attention_frequency=1, encoder_hidden_size=arch.vision_hidden,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
-    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id)
-    if arch.text_model == "opt":
-        from transformers import OPTConfig
-
-        text = OPTConfig(hidden_size=arch.hidden, num_hidden_layers=arch.layers, ffn_dim=arch.ffn,
-                         num_attention_heads=arch.heads, word_embed_proj_dim=arch.hidden, max_position_embeddings=256,
-                         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **ids)
-    elif arch.text_model == "llama":
-        from transformers import LlamaConfig
-
-        text = LlamaConfig(hidden_size=arch.hidden, num_hidden_layers=arch.layers, intermediate_size=arch.ffn,
-                           num_attention_heads=arch.heads, num_key_value_heads=arch.heads, max_position_embeddings=256,
-                           tie_word_embeddings=False, **ids)
-    else:
-        raise ValueError(f"unknown tiny text model {arch.text_model!r}")
+    text = text_config(arch.text_model, arch.hidden, arch.layers, arch.heads, arch.ffn, 256, tokenizer)
     config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
                          num_query_tokens=arch.num_query_tokens,
                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
@@ -136,7 +142,7 @@ def answer_token_accuracy(backbone: Backbone, samples: list[Sample], topics: lis
 
 
 # Below this the pretraining collapsed: projected image features of different images differ
-# by a few percent of their size (measured: 0.017 nearly image-blind, 0.5-0.8 healthy).
+# by a few percent of their size (docs/tiny-world.md has the measured values).
 COLLAPSED_SPREAD = 0.05
 
 
@@ -203,7 +209,7 @@ def pretrain(world_dir: Path, out_dir: Path, arch: TinyArch, train: PretrainConf
     for topic, acc in heldout_acc["by_topic"].items():
         log.info("  %-14s token accuracy %.3f (n=%d)", topic, acc["token_acc"], acc["n"])
     spread = image_feature_spread(backbone, sorted({s.image for s in heldout if s.image is not None}))
-    log.info("image-feature spread %.3f (healthy tiny backbones: about 0.5-0.8)", spread)
+    log.info("image-feature spread %.3f (collapsed below %.2f)", spread, COLLAPSED_SPREAD)
     if spread < COLLAPSED_SPREAD:
         log.warning("image-feature spread %.3f < %.2f: the Q-Former output barely depends on the image; this "
                     "backbone is image-blind and its edits mean little (docs/tiny-world.md, pretraining collapse)",
