@@ -6,7 +6,8 @@ import torch
 
 from unike.backbones import load_backbone
 from unike.data import case_samples
-from unike.tiny import COLLAPSED_SPREAD, corpus_samples, PretrainConfig, TinyArch, build_tokenizer, image_feature_spread, pretrain
+from unike.tiny import (COLLAPSED_SPREAD, PretrainConfig, TinyArch, build_tokenizer, corpus_samples,
+                        image_feature_spread, pretrain)
 from unike.world import vocabulary
 
 ARCH = dict(hidden=32, ffn=64, layers=2, heads=2, vision_hidden=32, vision_layers=1, qformer_layers=1,

@@ -10,6 +10,8 @@ import duckdb
 import polars as pl
 import pytest
 
+from unike.tiny import COLLAPSED_SPREAD
+
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "smoke.yaml"
 
@@ -68,6 +70,9 @@ def test_smoke_run_end_to_end(tmp_path):
     assert regimes == {"one-step", "seq-10", "cross-10"}
     training = json.loads((out / "backbones" / "tiny-minigpt4" / "training.json").read_text())
     assert training["heldout"]["token_acc"] > 0.4  # smoke-sized backbones: well short of the default ones
+    for name in ("tiny-blip2-opt", "tiny-minigpt4"):  # neither collapsed to image-blind outputs
+        spread = json.loads((out / "backbones" / name / "training.json").read_text())["image_feature_spread"]
+        assert spread > COLLAPSED_SPREAD, (name, spread)
 
     # Nothing left to do, and the same config and seed give the same numbers.
     again = snakemake(tmp_path, "--configfile", str(SMOKE), "-n")
