@@ -13,7 +13,8 @@ configfile: Path(workflow.basedir) / "config.yaml"
 
 validate(config, "unike/schemas/config.schema.json")
 
-from unike.config import Layout, drop_unused_tiny_backbones, grid_cells, validate as validate_config
+from unike.config import drop_unused_tiny_backbones, grid_cells, validate as validate_config
+from unike.grid import Layout
 
 drop_unused_tiny_backbones(config)
 validate_config(config)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from unike.backbones import Backbone, Sample, answer_predictions
-from unike.data import EditCase
+from unike.backbones import Backbone, answer_predictions
+from unike.data import EditCase, Sample
 from unike.editing import Editor
 from unike.incontext import BUNDLED, Demonstrations, build_bank
 

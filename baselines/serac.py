@@ -77,8 +77,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from unike.backbones import Backbone, Sample, TextStack, answer_predictions
-from unike.data import EditCase, case_samples, edit_prompt, vqa_prompt
+from unike.backbones import Backbone, TextStack, answer_predictions
+from unike.data import case_samples, edit_prompt, EditCase, Sample, vqa_prompt
 from unike.editing import Editor
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,8 @@ import yaml
 
 from unike.backbones import IMAGE_TOKEN, Backbone, _check_image_token
 from unike.cli import _torch_setup
-from unike.config import SPLIT_FILES, edited_layers, merge_overlays, method_entry
+from unike.config import edited_layers, merge_overlays, method_entry
+from unike.grid import SPLIT_FILES
 from unike.convert_minigpt4 import qformer_config, required_keys, vision_config
 from unike.data import load_cases
 from unike.editing import create_editor, parse_hparams, resolve_editor

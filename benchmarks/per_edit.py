@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from baselines.ft import FineTune
-from unike.backbones import Backbone, Batch, Sample, load_backbone
-from unike.config import SPLIT_FILES, Layout, load_config
-from unike.data import ROWS, case_samples, edit_sample, load_cases
+from unike.backbones import Backbone, Batch, load_backbone
+from unike.config import load_config
+from unike.grid import SPLIT_FILES, Layout
+from unike.data import case_samples, edit_sample, load_cases, ROWS, Sample
 from unike.harness import load_pre_edit, make_sequences, run_sequences
 from unike.metrics import score_case
 

@@ -31,7 +31,8 @@ import torch
 from safetensors import safe_open
 
 from unike.backbones import load_backbone
-from unike.config import SPLIT_FILES, Layout, load_config
+from unike.config import load_config
+from unike.grid import SPLIT_FILES, Layout
 from unike.data import edit_sample, load_cases
 from unike.editing import create_editor
 from unike.harness import make_sequences, pre_edit_predictions, pre_edit_tensors, run_sequences

@@ -116,7 +116,7 @@ def expected_rows(workdir: Path, backbone: str, task: str, regime: str) -> int:
     import contextlib
 
     from unike.cli import _eval_cases
-    from unike.config import Layout
+    from unike.grid import Layout
     from unike.harness import make_sequences
 
     config = effective_config(workdir)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from unike.backbones import Sample, answer_predictions
-from unike.data import case_samples
+from unike.backbones import answer_predictions
+from unike.data import case_samples, Sample
 
 
 def test_logits_match_blip2_forward(backbone, vqa_cases):

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unike.config import ConfigError, Cell, grid_cells, load_config
+from unike.config import ConfigError, grid_cells, load_config
+from unike.grid import Cell
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from unike.backbones import IMAGE_TOKEN, Sample, load_backbone
+from unike.backbones import IMAGE_TOKEN, load_backbone
+from unike.data import Sample
 from unike.convert_minigpt4 import ConversionError, Sources, convert
 
 EVA = dict(width=40, heads=4, patch=4, image=16, blocks=3, mlp=72)  # MiniGPT-4 uses blocks - 1

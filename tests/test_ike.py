@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from baselines.ike import IKE, IKEHparams
-from unike.backbones import Sample
-from unike.data import case_samples, edit_sample, vqa_prompt
+from unike.data import case_samples, edit_sample, Sample, vqa_prompt
 from unike.editing import NoEdit
 from unike.harness import make_sequences, pre_edit_predictions, run_sequences
 from unike.incontext import (

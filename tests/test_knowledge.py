@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from unike.backbones import Sample
+from unike.data import Sample
 from unike.method.encoders import EncoderConfig, semantic_loss, train_layer_encoders, truthfulness_loss
 from unike.method.knowledge import (Triplet, extract_hidden_states, last_prompt_positions, last_token_positions,
                                     residual_streams, triplet_groups)

@@ -16,8 +16,10 @@ import torch
 import yaml
 from PIL import Image
 
-from unike.backbones import Sample, load_backbone
-from unike.config import Cell, format_missing, grid_cells, merge_overlays, method_entry, missing_paths, validate
+from unike.backbones import load_backbone
+from unike.data import Sample
+from unike.grid import Cell
+from unike.config import format_missing, grid_cells, merge_overlays, method_entry, missing_paths, validate
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER = REPO / "configs" / "paper.yaml"

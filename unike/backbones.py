@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from unike.data import Sample
+
 log = logging.getLogger(__name__)
 PromptStyle = Literal["blip2", "minigpt4"]
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,15 +34,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_TOKEN = "<image>"
 MINIGPT4_BEFORE_IMAGE = "###Human: <Img>"
 MINIGPT4_AFTER_IMAGE = "</Img> "
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One teacher-forced input: the answer's tokens are scored given image + prompt."""
-
-    image: Path | None
-    prompt: str
-    answer: str
 
 
 @dataclass

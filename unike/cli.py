@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from unike.config import SPLIT_FILES, Cell, Layout, cell_config_hash, load_config, method_entry, methods_for
+from unike.config import cell_config_hash, load_config, method_entry, methods_for
+from unike.grid import SPLIT_FILES, Cell, Layout
 
 log = logging.getLogger("unike")
 

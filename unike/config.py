@@ -9,17 +9,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-TASKS = ("e-vqa", "e-ic")  # the tasks of an edit case; a run's task may also be "cross-task"
-REGIMES_FOR_TASK = {"e-vqa": ("one-step", "seq-10", "seq-20"), "e-ic": ("one-step", "seq-10", "seq-20"),
-                    "cross-task": ("cross-10",)}
-SEQUENCE_LENGTH = {"one-step": 1, "seq-10": 10, "seq-20": 20, "cross-10": 10}
-
+from unike.grid import CROSS_TASK, SPLIT_FILES, Cell, Layout, regimes_for_task
 
 class ConfigError(ValueError):
     pass
@@ -74,10 +69,10 @@ def validate(config: dict) -> None:
             if unknown:
                 raise ConfigError(f"grid[{i}]: unknown {kind[:-1]} name(s) {unknown}; defined: {sorted(known)}")
         for task in cell["tasks"]:
-            bad = [r for r in cell["regimes"] if r not in REGIMES_FOR_TASK[task]]
+            bad = [r for r in cell["regimes"] if r not in regimes_for_task(task)]
             if bad:
                 raise ConfigError(f"grid[{i}]: regime(s) {bad} do not apply to task {task!r} "
-                                  f"(allowed: {list(REGIMES_FOR_TASK[task])})")
+                                  f"(allowed: {list(regimes_for_task(task))})")
     for name, method in config["methods"].items():
         module = method["editor"].split(":")[0]
         if importlib.util.find_spec(module) is None:
@@ -132,17 +127,9 @@ def _check_grid_hparams(config: dict) -> None:
                                       f"with these hyperparameters; it cannot run regime(s) {regimes}")
 
 
-@dataclass(frozen=True, order=True)
-class Cell:
-    method: str
-    backbone: str
-    task: str
-    regime: str
-
-
 def grid_cells(config: dict) -> list[Cell]:
     cells = {Cell(m, b, t, r) for c in config["grid"] for m in c["methods"] for b in c["backbones"]
-             for t in c["tasks"] for r in c["regimes"] if r in REGIMES_FOR_TASK[t]}
+             for t in c["tasks"] for r in c["regimes"] if r in regimes_for_task(t)}
     return sorted(cells)
 
 
@@ -160,57 +147,6 @@ def edited_layers(config: dict, n_layers: int) -> list[int]:
     """UniKE's edited layers: the last `knowledge.edited_layers` decoder layers."""
     n = config.get("knowledge", {}).get("edited_layers", 4)
     return list(range(max(0, n_layers - n), n_layers))
-
-
-class Layout:
-    """Where each artifact lives under `out_dir`."""
-
-    def __init__(self, config: dict):
-        self.config = config
-        self.out = Path(config["out_dir"])
-
-    @property
-    def world(self) -> Path:
-        return self.out / "world"
-
-    def backbone_dir(self, backbone: str) -> Path:
-        b = self.config["backbones"][backbone]
-        return Path(b["path"]) if b["source"] == "local" else self.out / "backbones" / backbone
-
-    def annotations(self, backbone: str) -> Path:
-        data = self.config["data"]
-        return Path(data["annotations"]) if data["source"] == "mmedit" else self.out / "data" / backbone
-
-    @property
-    def image_root(self) -> Path:
-        data = self.config["data"]
-        return Path(data["image_root"]) if data["source"] == "mmedit" else self.world
-
-    def pre_edit(self, backbone: str, task: str) -> Path:
-        return self.out / "pre_edit" / backbone / f"{task}.json"
-
-    def prepared(self, method: str, backbone: str, task: str) -> Path:
-        """Folder of what a trained method prepared once per backbone and task."""
-        return self.out / "editors" / method / backbone / task
-
-    def knowledge(self, backbone: str) -> Path:
-        """UniKE's per-backbone triplets, hidden states and encoders."""
-        return self.out / "knowledge" / backbone
-
-    def run_stem(self, cell: Cell) -> Path:
-        return self.out / "runs" / cell.method / cell.backbone / cell.task / cell.regime / f"seed{self.config['seed']}"
-
-    @property
-    def db(self) -> Path:
-        return self.out / "metrics.duckdb"
-
-    @property
-    def report(self) -> Path:
-        return self.out / "report"
-
-
-SPLIT_FILES = {("e-vqa", "train"): "vqa_train.json", ("e-vqa", "eval"): "vqa_eval.json",
-               ("e-ic", "train"): "caption_train_edit.json", ("e-ic", "eval"): "caption_eval_edit.json"}
 
 
 # ---------------------------------------------------------------- external inputs

@@ -12,8 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from unike.backbones import Sample
-from unike.config import TASKS
+from unike.grid import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +24,15 @@ ROWS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 
 class DataError(ValueError):
     """A malformed MMEdit file or record; the message names the file, record and field."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One teacher-forced input: the answer's tokens are scored given image + prompt."""
+
+    image: Path | None
+    prompt: str
+    answer: str
 
 
 @dataclass(frozen=True)

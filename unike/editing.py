@@ -20,8 +20,8 @@ from typing import ClassVar
 
 import torch
 
-from unike.backbones import Backbone, Sample, answer_predictions
-from unike.data import EditCase
+from unike.backbones import Backbone, answer_predictions
+from unike.data import EditCase, Sample
 
 
 @dataclasses.dataclass(frozen=True)

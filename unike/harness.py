@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from unike.backbones import Backbone, answer_predictions
-from unike.config import SEQUENCE_LENGTH
 from unike.data import ROWS, EditCase, case_samples
 from unike.editing import Editor
+from unike.grid import regime as regime_named
 from unike.metrics import score_case
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,12 @@ def load_pre_edit(path: Path, cases: list[EditCase]) -> dict[str, dict[str, torc
 
 
 def make_sequences(cases_by_task: dict[str, list[EditCase]], regime: str, seed: int) -> list[list[EditCase]]:
-    """Deterministic edit sequences for a regime. Seq and cross regimes keep only full
-    sequences; cross-task sequences hold K/2 cases of each of two tasks."""
-    if regime not in SEQUENCE_LENGTH:
-        raise ValueError(f"unknown regime {regime!r}; known: {sorted(SEQUENCE_LENGTH)}")
-    k = SEQUENCE_LENGTH[regime]
+    """Deterministic edit sequences for a regime. Multi-edit regimes keep only full
+    sequences; a task-mixing regime's sequences hold length/2 cases of each of two tasks."""
+    spec = regime_named(regime)
+    k = spec.length
     rng = random.Random(seed)
-    if regime.startswith("cross"):
+    if spec.mixes_tasks:
         if len(cases_by_task) != 2:
             raise ValueError(f"{regime} needs cases of exactly two tasks, got {sorted(cases_by_task)}")
         halves = []

@@ -53,8 +53,8 @@ from pathlib import Path
 
 import torch
 
-from unike.backbones import Backbone, Batch, Sample
-from unike.data import EditCase, edit_prompt
+from unike.backbones import Backbone, Batch
+from unike.data import edit_prompt, EditCase, Sample
 
 log = logging.getLogger(__name__)
 

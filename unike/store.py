@@ -21,7 +21,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from unike.config import REGIMES_FOR_TASK, SEQUENCE_LENGTH, TASKS
+from unike.grid import REGIMES, RUN_TASKS, TASKS, case_tasks
 
 # Ordered schemas. Values are the logical types; the Parquet / DuckDB types are
 # derived from them so the three never drift apart.
@@ -60,9 +60,6 @@ RUN_COLUMNS: dict[str, str] = {
 METRIC_COLUMNS: tuple[str, ...] = (
     "rel", "t_gen", "m_gen", "t_loc", "m_loc", "rel_em", "t_gen_em", "m_gen_em",
 )
-ROW_TASKS = frozenset(TASKS)
-RUN_TASKS = frozenset(REGIMES_FOR_TASK)
-REGIMES = frozenset(SEQUENCE_LENGTH)
 
 _ARROW_TYPES = {"str": pa.string(), "int64": pa.int64(), "float64": pa.float64()}
 _SQL_TYPES = {"str": "VARCHAR", "int64": "BIGINT", "float64": "DOUBLE"}
@@ -130,16 +127,16 @@ def _row_checks(name: str, value: Any) -> str | None:
         return f"value {value!r} is not in [0, 1]"
     if name == "edit_s" and value < 0:
         return f"value {value!r} is negative"
-    if name == "task" and value not in ROW_TASKS:
-        return f"task {value!r} is not one of {sorted(ROW_TASKS)}"
+    if name == "task" and value not in TASKS:
+        return f"task {value!r} is not one of {list(TASKS)}"
     return None
 
 
 def _run_checks(name: str, value: Any) -> str | None:
     if name == "task" and value not in RUN_TASKS:
-        return f"task {value!r} is not one of {sorted(RUN_TASKS)}"
+        return f"task {value!r} is not one of {list(RUN_TASKS)}"
     if name == "regime" and value not in REGIMES:
-        return f"regime {value!r} is not one of {sorted(REGIMES)}"
+        return f"regime {value!r} is not one of {list(REGIMES)}"
     if name in ("seed", "n_edits", "wall_s", "edit_s_mean", "peak_mem_mb") and value < 0:
         return f"value {value!r} is negative"
     return None
@@ -164,8 +161,8 @@ def validate_rows(rows: Iterable[Mapping[str, Any]], provenance: Mapping[str, An
         # Rows must belong to the run they are filed under, or aggregation would mix runs.
         if checked["run_id"] != run_id:
             raise ValueError(f"{where}: field 'run_id': {checked['run_id']!r} differs from the provenance")
-        if run_task != "cross-task" and checked["task"] != run_task:
-            raise ValueError(f"{where}: field 'task': {checked['task']!r} differs from the run's task {run_task!r}")
+        if checked["task"] not in case_tasks(run_task):
+            raise ValueError(f"{where}: field 'task': {checked['task']!r} is not a task of the run's task {run_task!r}")
         # (run_id, case_id) is the primary key of edit_metrics.
         if checked["case_id"] in seen:
             raise ValueError(f"{where}: field 'case_id': duplicate case_id {checked['case_id']!r}")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from unike.backbones import IMAGE_TOKEN, Backbone, Sample, answer_predictions, save_backbone
-from unike.data import vqa_prompt
+from unike.backbones import IMAGE_TOKEN, Backbone, answer_predictions, save_backbone
+from unike.data import Sample, vqa_prompt
 
 log = logging.getLogger(__name__)
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}

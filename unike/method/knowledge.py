@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from unike.backbones import Backbone, Batch, Sample
-from unike.data import EditCase, edit_sample
+from unike.backbones import Backbone, Batch
+from unike.data import edit_sample, EditCase, Sample
 
 log = logging.getLogger(__name__)
 
