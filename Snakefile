@@ -2,7 +2,7 @@
 # the config and names the final targets.
 from pathlib import Path
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -10,8 +10,6 @@ min_version("9.0")
 # The default lives beside this file; --configfile / --config merge on top of it.
 configfile: Path(workflow.basedir) / "config.yaml"
 
-
-validate(config, "unike/schemas/config.schema.json")
 
 from unike.config import drop_unused_tiny_backbones, grid_cells, validate as validate_config
 from unike.grid import Layout
@@ -34,7 +32,8 @@ rule all:
     input:
         LAYOUT.report / "index.html",
         # UniKE's per-backbone knowledge (its editor will consume it; built and checked now).
-        [f"{OUT}/knowledge/{b}/encoders.json" for b in sorted({c.backbone for c in CELLS})] if "knowledge" in config else [],
+        [str(LAYOUT.knowledge(b) / "encoders.json") for b in sorted({c.backbone for c in CELLS})]
+        if "knowledge" in config else [],
 
 
 onstart:

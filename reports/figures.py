@@ -20,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from reports.paper import paper_figure4c
+from reports.paper import REFERENCE_ROW, paper_figure4c
 from reports.results import ONE_STEP_TASKS, SCORES, Results
 from reports.stats import Estimate, estimate
 from reports.tables import ABLATION_LABELS, ABLATIONS, method_label, method_sort_key
@@ -85,6 +85,16 @@ def figure4_methods(section: Mapping[str, Any] | None) -> set[str]:
     return names | set(section.get("c", {}).values())
 
 
+def renamed_methods(section: Mapping[str, Any], method_map: Mapping[str, str]) -> dict[str, Any]:
+    """`section` with every method under its paper row id (see Results.with_paper_names)."""
+    def rename(value):
+        if isinstance(value, Mapping):
+            return {k: rename(v) for k, v in value.items()}
+        return method_map.get(value, value)
+
+    return {k: (v if k in ("backbone", "task") else rename(v)) for k, v in section.items()}
+
+
 def _point(results: Results, backbone: str, task: str, method: str, x: float) -> Point | None:
     sample = results.get(backbone, method, task, "one-step")
     if sample is None:
@@ -145,7 +155,7 @@ def tradeoff(results: Results, exclude: Collection[str]) -> dict[str, tuple[Trad
     for backbone in results.backbones():
         methods = {m for (b, m, t, r) in results.cells if b == backbone and t in ONE_STEP_TASKS and r == "one-step"}
         points = []
-        for method in sorted(methods - set(exclude) - {"backbone"}, key=method_sort_key):
+        for method in sorted(methods - set(exclude) - {REFERENCE_ROW}, key=method_sort_key):
             samples = [s for t in ONE_STEP_TASKS if (s := results.get(backbone, method, t, "one-step"))]
             label = ABLATION_LABELS[method] if method in ABLATIONS else method_label(method)
             points.append(TradeoffPoint(method, label, estimate(samples, SCORES["generality"]),

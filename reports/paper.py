@@ -9,6 +9,8 @@ from importlib import resources
 
 from reports.results import METRICS
 
+# The paper's row id of the unedited backbone: the reference row of every table.
+REFERENCE_ROW = "backbone"
 # (paper table, paper backbone, runs.task, regime, method)
 PaperKey = tuple[str, str, str, str, str]
 
@@ -41,3 +43,9 @@ def paper_figure4c() -> dict[str, dict[str, float]]:
     """The paper's printed Figure 4c bar values as {zeta treatment: {score: percent}}."""
     return {r["zeta_treatment"]: {s: float(r[s]) for s in ("generality", "locality")}
             for r in _records("paper_figure4c_printed.csv")}
+
+
+@cache
+def paper_method_ids() -> frozenset[str]:
+    """Every method row id of the paper's printed numbers (what config `paper_name`s refer to)."""
+    return frozenset(k[4] for k in paper_tables()) | frozenset(m for _, m in paper_table5())

@@ -19,6 +19,7 @@ import jinja2
 
 from reports import figures
 from reports.outputs import report_files
+from reports.paper import paper_method_ids
 from reports.results import Results
 from reports.stats import Estimate
 from reports.summary import SCORE_LABELS, SETTINGS, table5
@@ -108,19 +109,22 @@ class FigureEntry:
     notes: tuple[str, ...] = ()
 
 
-def render_report(db_path: Path, out_dir: Path, backbone_map: dict[str, str],
+def render_report(db_path: Path, out_dir: Path, backbone_map: dict[str, str], method_map: dict[str, str],
                   figure4: Mapping[str, Any] | None = None, spaces: Mapping[str, Path] | None = None) -> list[Path]:
     """Write every file of ``reports.outputs.report_files`` under ``out_dir``; return their paths.
 
-    ``figure4`` is the config's report.figure4 section (None: no Figure 4); ``spaces`` maps
-    a backbone to its knowledge/<backbone>/spaces.parquet (empty: no Figure 5a).
+    ``backbone_map`` and ``method_map`` give our backbones' and methods' paper names (config
+    ``paper_name``): the paper's numbers are matched by them. ``figure4`` is
+    ``unike.config.figure4_points`` of the config (None: no Figure 4); ``spaces`` maps a
+    backbone to its knowledge/<backbone>/spaces.parquet (empty: no Figure 5a).
     """
     spaces = dict(spaces or {})
     out_dir = Path(out_dir)
     # Opened directly rather than via unike.store so reports never import the unike package.
     with duckdb.connect(str(db_path), read_only=True) as con:
-        results = Results.load(con)
+        results = Results.load(con).with_paper_names(method_map, paper_method_ids())
         runs = _runs(con)
+    figure4 = figures.renamed_methods(figure4, method_map) if figure4 else None
 
     # Figure 4's sweep methods are one-step runs too; they belong to Figure 4 only.
     sweeps = figures.figure4_methods(figure4) - set(PAPER_METHOD_ORDER) - set(ABLATION_LABELS)

@@ -58,6 +58,17 @@ class Results:
             cells[key] = Sample("|".join(key), np.array(values, dtype=float), inverse.astype(np.int64))
         return cls(cells)
 
+    def with_paper_names(self, method_map: dict[str, str], paper_ids: set[str]) -> Results:
+        """The same cells with each method under its paper row id (config `paper_name`), so
+        tables match the paper's rows by it. A method without one keeps its own name, which
+        must then differ from every paper row id: a renamed or unmapped method never meets
+        the paper's numbers by accident."""
+        clash = sorted({m for (_, m, _, _) in self.cells if m not in method_map and m in paper_ids})
+        if clash:
+            raise ValueError(f"method(s) {clash} have no paper_name but are named like the paper's rows; "
+                             "give them paper_name in the config, or other names")
+        return Results({(b, method_map.get(m, m), t, r): s for (b, m, t, r), s in self.cells.items()})
+
     def get(self, backbone: str, method: str, task: str, regime: str) -> Sample | None:
         return self.cells.get((backbone, method, task, regime))
 

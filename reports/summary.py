@@ -16,7 +16,7 @@ from typing import Collection
 
 import numpy as np
 
-from reports.paper import paper_table5, paper_tables
+from reports.paper import REFERENCE_ROW, paper_table5, paper_tables
 from reports.results import METRICS, ONE_STEP_TASKS, SCORES, SEQUENTIAL_REGIMES, Results
 from reports.stats import Estimate, estimate
 from reports.tables import ABLATIONS, PAPER_METHOD_ORDER, method_label, method_sort_key
@@ -104,7 +104,7 @@ def table5(results: Results, exclude: Collection[str] = ABLATIONS) -> Table5:
     """Rows: the paper's Table 5 methods, then any other method of ours (not ``exclude``)."""
     regimes = {r for s in SETTINGS.values() for r in s.regimes}
     ours_methods = {m for (_, m, t, r) in results.cells if t in ONE_STEP_TASKS and r in regimes}
-    methods = ({m for _, m in paper_table5()} | ours_methods) - set(exclude) - {"backbone"}
+    methods = ({m for _, m in paper_table5()} | ours_methods) - set(exclude) - {REFERENCE_ROW}
     rows = []
     for method in sorted(methods, key=lambda m: method_sort_key(m, PAPER_METHOD_ORDER)):
         cells: dict[str, tuple[SummaryCell, ...]] = {}

@@ -27,7 +27,18 @@ def test_default_config_is_valid_and_lists_the_grid(config):
     (lambda c: c["grid"][0]["regimes"].append("seq-5"), "grid/0/regimes"),
     (lambda c: c["grid"].append({"methods": ["ft"], "backbones": ["tiny-minigpt4"], "tasks": ["e-vqa"],
                                  "regimes": ["cross-10"]}), "do not apply to task"),
-    (lambda c: c["methods"].update(x={"editor": "baselines.missing:X"}), "not found"),
+    (lambda c: c["methods"].update(x={"editor": "baselines.missing:X"}), r"methods\.x: cannot load editor"),
+    # a class that does not exist in an existing module: named with its method, not at DAG build
+    (lambda c: c["methods"].update(x={"editor": "baselines.ft:NotAClass"}), r"methods\.x: cannot load editor "
+                                                                             r"'baselines\.ft:NotAClass'"),
+    (lambda c: c["methods"]["ike"].update(paper_name="ft"), r"paper_name\(s\) \['ft'\]"),
+    # report.figure4: a misspelt method or backbone, two points at one x
+    (lambda c: c["report"]["figure4"]["c"].append("fig4c-zeta-rnadom"), r"report\.figure4: unknown method name\(s\) "
+                                                                        r"\['fig4c-zeta-rnadom'\]"),
+    (lambda c: c["report"]["figure4"].update(backbone="tiny-llava"), r"report\.figure4\.backbone: unknown"),
+    (lambda c: c["report"]["figure4"]["b"]["fixed"].append("fig4c-zeta-none"), r"report\.figure4\.b: .*has no "
+                                                                               r"value of 'alpha'"),
+    (lambda c: c["report"]["figure4"]["a"]["ike"].append("fig4a-ike-k8"), r"uniqueItems|non-unique|both have ike_k"),
     (lambda c: c.update(surprise=1), "Additional properties"),
     (lambda c: c["data"].update(source="mmedit"), "tiny backbones need"),
     # a method that cannot stack edits, in a sequential cell: refused before any job runs
@@ -59,7 +70,7 @@ def test_backbone_hparams_merge_over_hparams_for_that_backbone_only(config):
 
     config["methods"]["tpatcher"]["backbone_hparams"] = {"tiny-minigpt4": {"lr": 0.5}}
     config["methods"]["tpatcher-copy"] = copy.deepcopy({k: v for k, v in config["methods"]["tpatcher"].items()
-                                                        if k != "backbone_hparams"})
+                                                        if k not in ("backbone_hparams", "paper_name")})
     loaded = load_config(config)
     base = config["methods"]["tpatcher"]["hparams"]
     assert method_entry(loaded, "tpatcher", "tiny-minigpt4")["hparams"] == {**base, "lr": 0.5}

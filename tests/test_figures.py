@@ -23,7 +23,8 @@ from unike.store import aggregate, open_readonly, write_run
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE_MAP = {"tiny-blip2-opt": "blip2-opt", "tiny-minigpt4": "minigpt4"}
-# Exactly the shape the lead writes into config.yaml (YAML: integer / float keys).
+# The points the report step gets (unike.config.figure4_points: each method keyed by its
+# own K, alpha or zeta), as YAML: integer / float keys.
 FIGURE4_YAML = """
 report:
   figure4:
@@ -43,6 +44,7 @@ MISSING_METHOD = "fig4a-ike-k40"  # configured, but the synthetic DB has no run 
 
 TABLE1_METHODS = ("backbone", "ft", "ke", "tpatcher", "mend", "ike", "serac", "unike")
 ABLATIONS = ("unike-only-intrin", "unike-only-latent-ike", "unike-intrin+ike", "unike-intrin+latent-ike")
+METHOD_MAP = {m: m for m in (*TABLE1_METHODS, *ABLATIONS)}  # config paper_name: here each method's own name
 SEQUENTIAL = ("ft", "ke", "tpatcher", "mend", "serac", "unike")
 
 
@@ -192,8 +194,8 @@ def test_read_spaces_checks_its_input(inputs: tuple[Path, dict[str, Path]], tmp_
 def test_render_writes_exactly_the_rule_outputs_deterministically(inputs: tuple[Path, dict[str, Path]],
                                                                   tmp_path: Path) -> None:
     db, spaces = inputs
-    first = render_report(db, tmp_path / "a", BACKBONE_MAP, FIGURE4, spaces)
-    render_report(db, tmp_path / "b", BACKBONE_MAP, FIGURE4, spaces)
+    first = render_report(db, tmp_path / "a", BACKBONE_MAP, METHOD_MAP, FIGURE4, spaces)
+    render_report(db, tmp_path / "b", BACKBONE_MAP, METHOD_MAP, FIGURE4, spaces)
     rel = sorted(str(p.relative_to(tmp_path / "a")) for p in first)
     assert rel == sorted(report_files(figure4=True, figure5a=True))
     assert {"figures/figure4.png", "figures/figure4.pdf", "figures/figure5a.png", "figures/gen-vs-loc.pdf"} <= set(rel)
@@ -213,7 +215,7 @@ def test_render_writes_exactly_the_rule_outputs_deterministically(inputs: tuple[
 
 
 def test_render_without_figure4_section_or_spaces(inputs: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
-    written = render_report(inputs[0], tmp_path, BACKBONE_MAP)
+    written = render_report(inputs[0], tmp_path, BACKBONE_MAP, METHOD_MAP)
     assert sorted(str(p.relative_to(tmp_path)) for p in written) == sorted(report_files(False, False))
     index = (tmp_path / "index.html").read_text(encoding="utf-8")
     assert "Not drawn: the config has no report.figure4 section." in index
@@ -221,26 +223,32 @@ def test_render_without_figure4_section_or_spaces(inputs: tuple[Path, dict[str, 
     assert 'src="figures/figure4.png"' not in index
 
 
-def test_config_with_report_section_validates() -> None:
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["report"] = copy.deepcopy(REPORT_SECTION)
-    validate(config)
-    # Snakemake validates the same dict with its own jsonschema wrapper.
-    from snakemake.utils import validate as snakemake_validate
-    snakemake_validate(copy.deepcopy(config), str(REPO / "unike/schemas/config.schema.json"))
-    # The effective config the steps read is a YAML dump of it: numeric keys survive.
-    assert load_config(yaml.safe_load(yaml.safe_dump(config, sort_keys=True)))["report"] == REPORT_SECTION
+def test_figure4_points_come_from_the_methods_hyperparameters() -> None:
+    """config.yaml names each curve's methods; K, alpha and the zeta treatment are read from
+    their effective hyperparameters, so the figure cannot disagree with what ran."""
+    from unike.config import figure4_points, method_entry
+
+    config = load_config(yaml.safe_load((REPO / "config.yaml").read_text()))
+    points = figure4_points(config)
+    backbone = config["report"]["figure4"]["backbone"]
+    assert points["a"]["latent-ike"][8] == "fig4a-latent-k8" and points["a"]["ike"][40] == "fig4a-ike-k40"
+    assert points["b"]["fixed"][0.4] == "fig4b-alpha0.4" and points["b"]["adaptive"] == "unike"
+    assert points["c"]["none"] == "fig4c-zeta-none" and points["c"]["truthfulness"] == "unike"
+    assert all(method_entry(config, m, backbone)["hparams"].get("top_k", 40) == k  # 40: UniKEHparams' default
+               for k, m in points["a"]["latent-ike"].items())
+    # Another K for one method moves its point: nothing else declares it.
+    config["methods"]["fig4a-latent-k8"]["hparams"]["top_k"] = 12
+    assert figure4_points(config)["a"]["latent-ike"][12] == "fig4a-latent-k8"
 
 
 @pytest.mark.parametrize("change, where", [
-    (lambda f: f["a"].update({"vanilla": {8: "x"}}), "report/figure4/a"),
-    (lambda f: f["b"]["fixed"].update({0.9: 3}), "report/figure4/b/fixed"),
-    (lambda f: f["c"].update({"other": "x"}), "report/figure4/c"),
+    (lambda f: f["a"].update({"vanilla": ["unike"]}), "report/figure4/a"),
+    (lambda f: f["b"].update(fixed={0.9: "fig4b-alpha0.0"}), "report/figure4/b/fixed"),
+    (lambda f: f.update(c={"other": "x"}), "report/figure4/c"),
     (lambda f: f.pop("task"), "report/figure4"),
 ])
 def test_bad_report_section_is_rejected(change, where: str) -> None:
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["report"] = copy.deepcopy(REPORT_SECTION)
     change(config["report"]["figure4"])
     with pytest.raises(ValueError, match=f"invalid at {where}"):
         validate(config)

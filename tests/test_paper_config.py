@@ -55,8 +55,8 @@ def test_paper_config_is_complete_and_lists_the_paper_grid(paper):
         for variant in ("unike-only-intrin", "unike-only-latent-ike", "unike-intrin+ike", "unike-intrin+latent-ike"):
             assert Cell(variant, "minigpt4-7b", task, "one-step") in cells
     figure4 = paper["report"]["figure4"]  # every point of Figure 4 is a cell of the grid
-    points = [*figure4["a"]["latent-ike"].values(), *figure4["a"]["ike"].values(), *figure4["b"]["fixed"].values(),
-              figure4["b"]["adaptive"], *figure4["c"].values()]
+    points = [*figure4["a"]["latent-ike"], *figure4["a"]["ike"], *figure4["b"]["fixed"], figure4["b"]["adaptive"],
+              *figure4["c"]]
     assert {Cell(m, figure4["backbone"], figure4["task"], "one-step") for m in points} <= cells
     assert {b["paper_name"] for b in paper["backbones"].values()} == {"blip2-opt", "minigpt4"}
     assert paper["data"]["source"] == "mmedit" and paper["device"] == "cuda" and paper["dtype"] == "bfloat16"

@@ -19,6 +19,8 @@ from unike.store import aggregate, open_readonly, write_run
 
 # Our backbone names -> the paper backbone they are compared against (config: paper_name).
 BACKBONE_MAP = {"tiny-blip2-opt": "blip2-opt", "tiny-minigpt4": "minigpt4"}
+METHOD_MAP = {m: m for m in ("backbone", "ft", "ke", "tpatcher", "mend", "ike", "serac", "unike", "unike-only-intrin",
+                             "unike-only-latent-ike", "unike-intrin+ike", "unike-intrin+latent-ike")}
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = [f"tables/table{n}.{fmt}" for n in range(1, 6) for fmt in ("md", "html", "tex")] + ["index.html"]
 
@@ -94,7 +96,7 @@ def results(db: Path) -> Results:
 @pytest.fixture(scope="module")
 def out(db: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("report")
-    render_report(db, out, BACKBONE_MAP)
+    render_report(db, out, BACKBONE_MAP, METHOD_MAP)
     return out
 
 
@@ -244,7 +246,7 @@ def test_rendered_files(out: Path) -> None:
 
 def test_render_is_deterministic_and_read_only(db: Path, out: Path, tmp_path: Path) -> None:
     before = hashlib.sha256(db.read_bytes()).hexdigest()
-    render_report(db, tmp_path, BACKBONE_MAP)
+    render_report(db, tmp_path, BACKBONE_MAP, METHOD_MAP)
     for rel in OUTPUTS + ["figures/gen-vs-loc.png", "figures/gen-vs-loc.pdf"]:
         assert (tmp_path / rel).read_bytes() == (out / rel).read_bytes(), rel
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
@@ -253,7 +255,7 @@ def test_render_is_deterministic_and_read_only(db: Path, out: Path, tmp_path: Pa
 def test_empty_db_shows_the_paper(tmp_path: Path) -> None:
     """A smoke DB may lack whole regimes; an empty one must still render every table."""
     aggregate([], tmp_path / "empty.duckdb")
-    render_report(tmp_path / "empty.duckdb", tmp_path / "report", BACKBONE_MAP)
+    render_report(tmp_path / "empty.duckdb", tmp_path / "report", BACKBONE_MAP, METHOD_MAP)
     t2 = (tmp_path / "report/tables/table2.md").read_text(encoding="utf-8")
     assert "| **MiniGPT-4 (paper only)** |" in t2 and "| UniKE | – (91.5) |" in t2
     t5 = (tmp_path / "report/tables/table5.md").read_text(encoding="utf-8")
@@ -294,6 +296,7 @@ def test_cli_passes_the_report_section_and_spaces(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr("reports.render.render_report", lambda *a: calls.append(a))
     spaces = str(tmp_path / "out/knowledge/tiny-minigpt4/spaces.parquet")
     cli.main(["report", "--config", str(tmp_path / "config.yaml"), "--spaces", spaces])
-    db, report, backbone_map, figure4, given = calls[0]
-    assert backbone_map == BACKBONE_MAP and figure4 == config["report"]["figure4"]
+    db, report, backbone_map, method_map, figure4, given = calls[0]
+    assert backbone_map == BACKBONE_MAP and method_map == METHOD_MAP
+    assert figure4 == {"backbone": "tiny-minigpt4", "task": "e-vqa", "b": {"adaptive": "unike"}}
     assert given == {"tiny-minigpt4": Path(spaces)} and report == tmp_path / "out/report"

@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from unike.config import cell_config_hash, load_config, method_entry, methods_for
-from unike.grid import SPLIT_FILES, Cell, Layout
+from unike.data import DataError
+from unike.config import ConfigError, cell_config_hash, figure4_points, load_config, method_entry, methods_for
+from unike.grid import CROSS_TASK, REGIMES, RUN_TASKS, SPLIT_FILES, Cell, Layout, case_tasks, regime, regimes_for_task
 
 log = logging.getLogger("unike")
 
@@ -34,7 +35,22 @@ def _setup(args) -> tuple[dict, Layout]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     config = load_config(args.config)
+    _check_names(config, args)
     return config, Layout(config)
+
+
+def _check_names(config: dict, args) -> None:
+    """The step's --method/--backbone/--task/--regime name entries of the config (or the
+    grid's vocabulary): a misspelt one ends here, in one line, before any model loads."""
+    known = {"method": sorted(config["methods"]), "backbone": sorted(config["backbones"]),
+             "task": list(RUN_TASKS), "regime": list(REGIMES)}
+    for option, names in known.items():
+        value = getattr(args, option, None)
+        if value is not None and value not in names:
+            raise ConfigError(f"--{option} {value!r} is not one of {names}")
+    if getattr(args, "regime", None) is not None and args.regime not in regimes_for_task(args.task):
+        raise ConfigError(f"--regime {args.regime!r} does not apply to --task {args.task!r} "
+                          f"(allowed: {list(regimes_for_task(args.task))})")
 
 
 def _torch_setup(config: dict):
@@ -81,7 +97,8 @@ def _load_backbone(config: dict, layout: Layout, name: str):
     from unike.backbones import load_backbone
 
     return load_backbone(name, layout.backbone_dir(name), config["device"], config.get("dtype", "float32"),
-                         entry=config["backbones"][name])
+                         entry=config["backbones"][name],
+                         cpu_float32_fallback=config.get("cpu_float32_fallback", True))
 
 
 def cmd_mine_edits(args) -> None:
@@ -96,7 +113,7 @@ def cmd_mine_edits(args) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {}
     for (task, split), filename in sorted(SPLIT_FILES.items()):
-        records = json.loads((layout.world / filename).read_text())
+        records = json.loads((layout.world / filename).read_text(encoding="utf-8"))
         cases = load_cases(layout.world / filename, task, layout.world)
         answers = backbone.greedy([edit_sample(c) for c in cases], config["data"].get("mining_max_new_tokens", 10))
         kept = []
@@ -107,8 +124,8 @@ def cmd_mine_edits(args) -> None:
         summary[filename] = {"candidates": len(records), "mistakes": len(kept), "said_old_fact": said_old}
         log.info("%s %s: %d of %d candidates are real mistakes (%d give the outdated fact)",
                  args.backbone, filename, len(kept), len(records), said_old)
-        (out_dir / filename).write_text(json.dumps(kept, indent=1) + "\n")
-    (out_dir / "mining.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        (out_dir / filename).write_text(json.dumps(kept, indent=1) + "\n", encoding="utf-8")
+    (out_dir / "mining.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _eval_cases(config: dict, layout: Layout, backbone: str, task: str):
@@ -122,8 +139,7 @@ def _eval_cases(config: dict, layout: Layout, backbone: str, task: str):
 def _train_cases(config: dict, layout: Layout, backbone: str, task: str):
     from unike.data import load_cases
 
-    tasks = ("e-vqa", "e-ic") if task == "cross-task" else (task,)
-    return [case for t in tasks for case in load_cases(
+    return [case for t in case_tasks(task) for case in load_cases(
         layout.annotations(backbone) / SPLIT_FILES[(t, "train")], t, layout.image_root,
         skip_bad=config["data"].get("skip_bad_records", False))]
 
@@ -152,7 +168,7 @@ def cmd_prepare_editor(args) -> None:
     record = {"method": args.method, "backbone": args.backbone, "task": args.task, "n_train_cases": len(cases),
               "prepare_s": time.time() - t0, "hparams": method["hparams"], "summary": summary}
     # Written last: its presence tells Snakemake the folder is complete.
-    (out_dir / "prepared.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    (out_dir / "prepared.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     log.info("%s prepared for %s/%s in %.1f s", args.method, args.backbone, args.task, record["prepare_s"])
 
 
@@ -163,7 +179,7 @@ def cmd_collect_triplets(args) -> None:
     from unike.method.knowledge import collect_triplets, save_triplets
 
     backbone = _load_backbone(config, layout, args.backbone)
-    cases = _train_cases(config, layout, args.backbone, "cross-task")
+    cases = _train_cases(config, layout, args.backbone, CROSS_TASK)  # the train splits of every task
     limit = config.get("knowledge", {}).get("n_triplets", 15000)
     triplets = collect_triplets(backbone, cases, limit, config["data"].get("mining_max_new_tokens", 10))
     out = layout.knowledge(args.backbone)
@@ -255,21 +271,31 @@ def cmd_edit_eval(args) -> None:
 
     t_start = time.time()
     cell = Cell(args.method, args.backbone, args.task, args.regime)
+    cases_by_task = {task: _eval_cases(config, layout, cell.backbone, task) for task in case_tasks(cell.task)}
+    sequences = make_sequences(cases_by_task, cell.regime, config["seed"])
+    if not sequences:
+        counts = ", ".join(f"{len(c)} {t}" for t, c in cases_by_task.items())
+        raise ConfigError(f"{cell}: no edit sequence: {cell.regime} needs {regime(cell.regime).length} cases a "
+                          f"sequence and the eval split has {counts} (data.n_eval, or the mined cases)")
+    pre_edit = {}
+    for task in cases_by_task:
+        path = layout.pre_edit(cell.backbone, task)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no pre-edit predictions; run `python -m unike cache-pre-edit --config "
+                              f"{args.config} --backbone {cell.backbone} --task {task}` first")
+        pre_edit.update(load_pre_edit(path, cases_by_task[task]))
     backbone = _load_backbone(config, layout, cell.backbone)
-    tasks = ("e-vqa", "e-ic") if cell.task == "cross-task" else (cell.task,)
-    cases_by_task, pre_edit = {}, {}
-    for task in tasks:
-        cases_by_task[task] = _eval_cases(config, layout, cell.backbone, task)
-        pre_edit.update(load_pre_edit(layout.pre_edit(cell.backbone, task), cases_by_task[task]))
     method = method_entry(config, cell.method, cell.backbone)
     cls = resolve_editor(method["editor"])
     prepared = (layout.prepared(prepare_owners(methods_for(config, cell.backbone))[cell.method], cell.backbone,
                                 cell.task) if cls.needs_training else None)
     editor = create_editor(method, backbone, prepared,
                            layout.knowledge(cell.backbone) if cls.needs_knowledge else None)
-    sequences = make_sequences(cases_by_task, cell.regime, config["seed"])
     log.info("%s: %d sequences, %d edits", cell, len(sequences), sum(map(len, sequences)))
-    rows = run_sequences(editor, sequences, pre_edit)
+    try:
+        rows = run_sequences(editor, sequences, pre_edit)
+    finally:
+        editor.close()
 
     stem = layout.run_stem(cell)
     run_id = "/".join([cell.method, cell.backbone, cell.task, cell.regime, f"seed{config['seed']}"])
@@ -290,10 +316,20 @@ def cmd_edit_eval(args) -> None:
 
 
 def cmd_aggregate(args) -> None:
-    _, layout = _setup(args)
+    config, layout = _setup(args)
     from unike.store import aggregate
 
     pairs = [(Path(p), Path(p).with_suffix(".json")) for p in args.runs]
+    stale = []
+    for _, provenance_path in pairs:
+        provenance = json.loads(provenance_path.read_text(encoding="utf-8"))
+        cell = Cell(provenance["method"], provenance["backbone"], provenance["task"], provenance["regime"])
+        if provenance["config_hash"] != cell_config_hash(config, cell):
+            stale.append(str(provenance_path))
+    if stale:
+        raise ConfigError(f"{len(stale)} run(s) were made under other settings than the config's (config_hash "
+                          f"differs): {', '.join(stale)}; rerun them (snakemake reruns them once the rules "
+                          "carry their settings: --forcerun edit_eval)")
     aggregate(pairs, layout.db)
     log.info("%s rebuilt from %d runs", layout.db, len(pairs))
 
@@ -304,9 +340,10 @@ def cmd_report(args) -> None:
     from reports.render import render_report
 
     backbone_map = {name: b["paper_name"] for name, b in config["backbones"].items()}
+    method_map = {name: m["paper_name"] for name, m in config["methods"].items() if "paper_name" in m}
     # Each file is knowledge/<backbone>/spaces.parquet: its folder names the backbone.
     spaces = {Path(p).parent.name: Path(p) for p in args.spaces}
-    render_report(layout.db, layout.report, backbone_map, config.get("report", {}).get("figure4"), spaces)
+    render_report(layout.db, layout.report, backbone_map, method_map, figure4_points(config), spaces)
     log.info("report written to %s", layout.report / "index.html")
 
 
@@ -358,7 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.fn(args)
+    try:
+        args.fn(args)
+    except (ConfigError, DataError) as e:  # bad input: one line naming it, no traceback
+        raise SystemExit(f"unike {args.step}: error: {e}") from None
 
 
 if __name__ == "__main__":

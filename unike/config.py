@@ -7,25 +7,28 @@ Kept free of torch imports: the workflow imports it to build the DAG.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from unike.grid import CROSS_TASK, SPLIT_FILES, Cell, Layout, regimes_for_task
+from unike.grid import REGIMES, RUN_TASKS, SPLIT_FILES, TASKS, Cell, Layout, case_tasks, regime, regimes_for_task
 
 class ConfigError(ValueError):
     pass
 
 
 def schema() -> dict:
-    return json.loads(resources.files("unike").joinpath("schemas/config.schema.json").read_text())
+    """The config's JSON schema, with the grid's names filled in from unike.grid (their one owner)."""
+    schema = json.loads(resources.files("unike").joinpath("schemas/config.schema.json").read_text(encoding="utf-8"))
+    for name, values in (("task", TASKS), ("run_task", RUN_TASKS), ("regime", tuple(REGIMES))):
+        schema["$defs"][name]["enum"] = list(values)
+    return schema
 
 
 def load_config(source: str | Path | dict) -> dict:
-    config = source if isinstance(source, dict) else yaml.safe_load(Path(source).read_text())
+    config = source if isinstance(source, dict) else yaml.safe_load(Path(source).read_text(encoding="utf-8"))
     validate(config)
     return config
 
@@ -50,7 +53,7 @@ def merge_overlays(base: dict, *overlays: dict) -> dict:
 def drop_unused_tiny_backbones(config: dict) -> None:
     """config.yaml's tiny backbones merge into every overlay; a real-data config cannot use
     them (they need the tiny world), so those its grid does not name are dropped, in place."""
-    if config["data"]["source"] == "mmedit":
+    if config.get("data", {}).get("source") == "mmedit":
         named = {b for cell in config["grid"] for b in cell["backbones"]}
         config["backbones"] = {n: b for n, b in config["backbones"].items() if b["source"] != "tiny" or n in named}
 
@@ -73,15 +76,23 @@ def validate(config: dict) -> None:
             if bad:
                 raise ConfigError(f"grid[{i}]: regime(s) {bad} do not apply to task {task!r} "
                                   f"(allowed: {list(regimes_for_task(task))})")
+    from unike.editing import resolve_editor
+
     for name, method in config["methods"].items():
-        module = method["editor"].split(":")[0]
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"methods.{name}: editor module {module!r} not found")
+        try:  # every entry, in the grid or not: prepared-folder owners are chosen among all of them
+            resolve_editor(method["editor"])
+        except ValueError as e:
+            raise ConfigError(f"methods.{name}: {e}") from None
         unknown = sorted(set(method.get("backbone_hparams", {})) - set(config["backbones"]))
         if unknown:
             raise ConfigError(f"methods.{name}.backbone_hparams: unknown backbone name(s) {unknown}; "
                               f"defined: {sorted(config['backbones'])}")
+    paper_names = [m["paper_name"] for m in config["methods"].values() if "paper_name" in m]
+    twice = sorted({n for n in paper_names if paper_names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"methods: paper_name(s) {twice} are given to more than one method")
     _check_grid_hparams(config)
+    _check_figure4(config)
     for name, b in config["backbones"].items():
         if b["source"] == "local" and "path" not in b:
             raise ConfigError(f"backbones.{name}: source 'local' needs a 'path'")
@@ -113,7 +124,7 @@ def _check_grid_hparams(config: dict) -> None:
     from unike.editing import parse_hparams, resolve_editor
 
     for i, cell in enumerate(config["grid"]):
-        regimes = [r for r in cell["regimes"] if r != "one-step"]
+        regimes = [r for r in cell["regimes"] if regime(r).length > 1]
         for name in cell["methods"]:
             for backbone in cell["backbones"]:
                 entry = method_entry(config, name, backbone)
@@ -133,14 +144,147 @@ def grid_cells(config: dict) -> list[Cell]:
     return sorted(cells)
 
 
+# ---------------------------------------------------------------- what decides each output
+# Each rule's `params:` carries the hash of exactly the settings that decide its output, so
+# Snakemake's params trigger reruns a job when one of them changes and no other job (its
+# input files' mtimes carry the change downstream). `edit-eval` records its cell's hash in
+# the run provenance and `aggregate` refuses runs whose hash differs from the config's.
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def world_settings(config: dict) -> dict:
+    """The tiny world generator's settings (make_world)."""
+    return {"seed": config["seed"], "world": config.get("world")}
+
+
+def pretrain_settings(config: dict, backbone: str) -> dict:
+    """A tiny backbone's pretraining (pretrain_backbone): the world and its entry."""
+    return {**world_settings(config), "backbone": config["backbones"][backbone]}
+
+
+def model_settings(config: dict, backbone: str) -> dict:
+    """What every step that runs a backbone on the edit data depends on: the backbone as
+    loaded (entry, device, dtype) and the data source (its split files are inputs)."""
+    data = {k: v for k, v in config["data"].items() if k != "n_eval"}  # n_eval: eval steps only
+    return {**pretrain_settings(config, backbone), "device": config["device"],
+            "dtype": config.get("dtype", "float32"), "data": data}
+
+
+def eval_settings(config: dict, backbone: str, task: str) -> dict:
+    """Steps that score a task's eval cases (cache_pre_edit, edit_eval): also how many."""
+    n_eval = config["data"].get("n_eval", {})
+    return {**model_settings(config, backbone), "n_eval": {t: n_eval.get(t) for t in case_tasks(task)}}
+
+
+def knowledge_settings(config: dict, backbone: str, stage: str) -> dict:
+    """One stage of UniKE's knowledge pipeline: the `knowledge:` keys that stage reads.
+    Encoders and the t-SNE do not run the backbone; their inputs carry its changes."""
+    knowledge = config.get("knowledge", {})
+    keys = KNOWLEDGE_STAGE_KEYS[stage]
+    own = {k: knowledge.get(k) for k in keys}
+    if stage in ("collect_triplets", "extract_hidden_states"):
+        return {**model_settings(config, backbone), "knowledge": own}
+    return {"seed": config["seed"], "knowledge": own}
+
+
+KNOWLEDGE_STAGE_KEYS = {"collect_triplets": ("n_triplets",), "extract_hidden_states": ("edited_layers",),
+                        "pretrain_encoders": ("encoders",), "embed_spaces": ("spaces_points", "tsne")}
+
+
+def prepare_settings(config: dict, method: str, backbone: str, task: str) -> dict:
+    """A trained method's preparation (prepare_editor): its editor and what `prepare`
+    reads of its hyperparameters (`Editor.prepare_key`), on the train split of the task."""
+    from unike.editing import parse_hparams, resolve_editor
+
+    entry = method_entry(config, method, backbone)
+    cls = resolve_editor(entry["editor"])
+    key = cls.prepare_key(parse_hparams(cls.Hparams, entry["hparams"], f"methods.{method}"))
+    return {**model_settings(config, backbone), "task": task, "editor": entry["editor"], "prepare_key": repr(key)}
+
+
+def cell_settings(config: dict, cell: Cell) -> dict:
+    """Everything that decides a grid cell's numbers (edit_eval): the method as it runs on
+    the backbone, the eval data, the metric definition and, for methods that read UniKE's
+    knowledge, the `knowledge:` section."""
+    from unike.editing import resolve_editor
+    from unike.metrics import METRIC_VERSION
+
+    entry = method_entry(config, cell.method, cell.backbone)
+    settings = {**eval_settings(config, cell.backbone, cell.task), "cell": cell.__dict__, "method": entry,
+                "metric_version": METRIC_VERSION}
+    if resolve_editor(entry["editor"]).needs_knowledge:
+        settings["knowledge"] = config.get("knowledge", {})
+    return settings
+
+
 def cell_config_hash(config: dict, cell: Cell) -> str:
-    """Hash of everything that decides a cell's numbers."""
-    relevant = {
-        "seed": config["seed"], "dtype": config.get("dtype", "float32"), "cell": cell.__dict__,
-        "method": config["methods"][cell.method], "backbone": config["backbones"][cell.backbone],
-        "data": config["data"], "world": config.get("world"),
-    }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_hash(cell_settings(config, cell))
+
+
+# ---------------------------------------------------------------- Figure 4
+# Which hyperparameter is each Figure 4 curve's x (or bar's treatment); the config's
+# `report.figure4` names only the methods of each curve, their values come from here.
+FIGURE4_X = {("a", "latent-ike"): "top_k", ("a", "ike"): "ike_k", ("b", "fixed"): "alpha", ("c", None): "zeta"}
+
+
+def figure4_points(config: dict) -> dict | None:
+    """`report.figure4` with every method keyed by its effective hyperparameter value: the
+    form reports.figures reads ({a: {curve: {K: method}}, b: {fixed: {alpha: method},
+    adaptive: method}, c: {treatment: method}}). None without the section."""
+    from unike.editing import parse_hparams, resolve_editor
+
+    section = config.get("report", {}).get("figure4")
+    if section is None:
+        return None
+
+    def value(panel: str, curve: str | None, method: str):
+        entry = method_entry(config, method, section["backbone"])
+        cls = resolve_editor(entry["editor"])
+        hparams = parse_hparams(cls.Hparams, entry["hparams"], f"methods.{method}")
+        name = FIGURE4_X[(panel, curve)]
+        if getattr(hparams, name, None) is None:
+            raise ConfigError(f"report.figure4.{panel}: methods.{method} has no value of {name!r}, which this "
+                              "panel plots")
+        return getattr(hparams, name)
+
+    def keyed(panel: str, curve: str | None, methods: list[str]) -> dict:
+        out = {}
+        for method in methods:
+            x = value(panel, curve, method)
+            if x in out:
+                raise ConfigError(f"report.figure4.{panel}{'.' + curve if curve else ''}: methods {out[x]} and "
+                                  f"{method} both have {FIGURE4_X[(panel, curve)]} = {x}")
+            out[x] = method
+        return out
+
+    points = {"backbone": section["backbone"], "task": section["task"]}
+    if "a" in section:
+        points["a"] = {curve: keyed("a", curve, methods) for curve, methods in section["a"].items()}
+    if "b" in section:
+        points["b"] = {k: v for k, v in (("fixed", keyed("b", "fixed", section["b"].get("fixed", []))),
+                                          ("adaptive", section["b"].get("adaptive"))) if v}
+    if "c" in section:
+        points["c"] = keyed("c", None, section["c"])
+    return points
+
+
+def _check_figure4(config: dict) -> None:
+    """`report.figure4` names a defined backbone and defined methods (a method that has no
+    runs in the grid is drawn as a missing point, not refused), with distinct x values."""
+    section = config.get("report", {}).get("figure4")
+    if section is None:
+        return
+    if section["backbone"] not in config["backbones"]:
+        raise ConfigError(f"report.figure4.backbone: unknown backbone {section['backbone']!r}; "
+                          f"defined: {sorted(config['backbones'])}")
+    a, b = section.get("a", {}), section.get("b", {})
+    named = [m for methods in a.values() for m in methods] + b.get("fixed", []) + section.get("c", [])
+    named += [b["adaptive"]] if "adaptive" in b else []
+    unknown = [m for m in named if m not in config["methods"]]
+    if unknown:
+        raise ConfigError(f"report.figure4: unknown method name(s) {unknown}; defined: {sorted(config['methods'])}")
+    figure4_points(config)
 
 
 def edited_layers(config: dict, n_layers: int) -> list[int]:

@@ -33,6 +33,10 @@ class Editor:
     needs_training: ClassVar[bool] = False  # True: `prepare` runs once per (backbone, task) before editing
     needs_knowledge: ClassVar[bool] = False  # True: gets UniKE's per-backbone knowledge folder (`knowledge=`)
     Hparams: ClassVar[type] = NoHparams
+    # Attributes kept in float32 whatever the backbone's dtype, each with the reason.
+    # Everything else an editor holds or adds to the model is in the model's dtype
+    # (`Backbone.dtype`; tests/test_bf16.py checks both).
+    float32_parts: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def supports_sequential(cls, hparams) -> bool:
@@ -74,6 +78,10 @@ class Editor:
     def restore(self) -> None:
         """Undo every edit: the backbone's weights must be bit-identical afterwards."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the editor installed on the backbone for its whole life (hooks,
+        patches), after the last `restore`. The caller calls it once, also after a failure."""
 
     @torch.no_grad()
     def predict(self, samples: list[Sample]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

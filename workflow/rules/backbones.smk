@@ -4,19 +4,21 @@
 
 rule pretrain_backbone:
     input:
-        f"{OUT}/world/pretrain.json",
-        f"{OUT}/world/pretrain_eval.json",
+        out(Layout.WORLD, "pretrain.json"),
+        out(Layout.WORLD, "pretrain_eval.json"),
     output:
-        f"{OUT}/backbones/{{backbone}}/training.json",
-        f"{OUT}/backbones/{{backbone}}/unike_backbone.json",
+        out(Layout.BACKBONE_PATTERN, "training.json"),
+        out(Layout.BACKBONE_PATTERN, "unike_backbone.json"),
+    params:
+        settings=lambda wc: settings.settings_hash(settings.pretrain_settings(config, wc.backbone)),
     log:
-        f"{OUT}/logs/pretrain_backbone/{{backbone}}.log",
+        log_file("pretrain_backbone", "{backbone}.log"),
     threads: THREADS
     resources:
-        mem_mb=4000,
+        mem_mb=memory(4000),
         runtime=60,
     shell:
-        unike("pretrain-backbone") + " --backbone {wildcards.backbone} > {log} 2>&1"
+        unike("pretrain-backbone", "backbone")
 
 
 def backbone_ready(wildcards):
@@ -31,19 +33,18 @@ def backbone_ready(wildcards):
 rule mine_edits:
     input:
         backbone=backbone_ready,
-        world=[f"{OUT}/world/{name}" for name in WORLD_FILES],
+        world=[out(Layout.WORLD, name) for name in WORLD_FILES],
     output:
-        f"{OUT}/data/{{backbone}}/mining.json",
-        f"{OUT}/data/{{backbone}}/vqa_eval.json",
-        f"{OUT}/data/{{backbone}}/caption_eval_edit.json",
-        f"{OUT}/data/{{backbone}}/vqa_train.json",
-        f"{OUT}/data/{{backbone}}/caption_train_edit.json",
+        out(Layout.DATA_PATTERN, "mining.json"),
+        [out(Layout.DATA_PATTERN, name) for name in sorted(set(SPLIT_FILES.values()))],
+    params:
+        settings=lambda wc: settings.settings_hash(settings.model_settings(config, wc.backbone)),
     log:
-        f"{OUT}/logs/mine_edits/{{backbone}}.log",
+        log_file("mine_edits", "{backbone}.log"),
     threads: THREADS
     resources:
-        mem_mb=3000,
+        mem_mb=memory(3000),
         runtime=30,
         gpu=1 if ON_GPU else 0,
     shell:
-        unike("mine-edits") + " --backbone {wildcards.backbone} > {log} 2>&1"
+        unike("mine-edits", "backbone")

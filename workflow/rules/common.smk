@@ -1,16 +1,18 @@
 import functools
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import yaml
 
-from unike.config import SPLIT_FILES
+from unike import config as settings
+from unike.grid import CROSS_TASK, REGIMES, RUN_TASKS, SPLIT_FILES, Cell, Layout, case_tasks
 
 OUT = config["out_dir"]
 THREADS = config["threads"]
 ON_GPU = config["device"].startswith("cuda")
 BACKBONES = sorted(config["backbones"])
-TINY_BACKBONES = [b for b in BACKBONES if config["backbones"][b]["source"] == "tiny"]
 
 
 def _alternatives(names):
@@ -20,24 +22,45 @@ def _alternatives(names):
 wildcard_constraints:
     backbone=_alternatives(BACKBONES),
     method=_alternatives(sorted(config["methods"])),
-    task="e-vqa|e-ic|cross-task",
-    regime="one-step|seq-10|seq-20|cross-10",
+    task=_alternatives(RUN_TASKS),
+    regime=_alternatives(REGIMES),
     seed=r"\d+",
+
+
+def out(pattern, *parts):
+    """An output path pattern of unike.grid.Layout under out_dir (wildcards left in)."""
+    return LAYOUT.pattern(pattern, *parts)
+
+
+def log_file(rule, *parts):
+    return LAYOUT.pattern(Layout.LOG_PATTERN.format(rule=rule), *parts)
 
 
 # The steps read the exact config Snakemake validated (merged --configfile/--config),
 # written once per content change so its timestamp does not trigger reruns.
 EFFECTIVE_CONFIG = Path(OUT) / "config.effective.yaml"
 _text = yaml.safe_dump(config, sort_keys=False)  # method order decides prepared-folder owners
-if not EFFECTIVE_CONFIG.exists() or EFFECTIVE_CONFIG.read_text() != _text:
+if not EFFECTIVE_CONFIG.exists() or EFFECTIVE_CONFIG.read_text(encoding="utf-8") != _text:
     EFFECTIVE_CONFIG.parent.mkdir(parents=True, exist_ok=True)
-    EFFECTIVE_CONFIG.write_text(_text)
+    EFFECTIVE_CONFIG.write_text(_text, encoding="utf-8")
 
-UNIKE = f"python -m unike {{step}} --config {EFFECTIVE_CONFIG}"
+# Jobs run the interpreter that runs Snakemake (a job's PATH may not hold the venv's
+# `python`). The command text names {PYTHON} and {CONFIG_FILE}, which Snakemake fills in
+# when it runs the job: its code-change trigger compares the text, so another venv or
+# out_dir does not count as changed code. Every path is shell-quoted.
+PYTHON = shlex.quote(sys.executable)
+CONFIG_FILE = shlex.quote(str(EFFECTIVE_CONFIG))
 
 
-def unike(step):
-    return UNIKE.format(step=step)
+def unike(step, *options):
+    """The shell command of a step: `python -m unike STEP --config ... --OPTION {wildcards.OPTION:q} ...`."""
+    flags = "".join(f" --{o} {{wildcards.{o}:q}}" for o in options)
+    return f"{{PYTHON}} -m unike {step} --config {{CONFIG_FILE}}{flags} > {{log:q}} 2>&1"
+
+
+def memory(first_mb):
+    """Host memory per attempt: a job killed for memory comes back with twice as much, then 4x."""
+    return lambda wildcards, attempt: first_mb * 2 ** (attempt - 1)
 
 
 def external_input(path):
@@ -65,15 +88,14 @@ def editor_flag(method, flag):
 @functools.cache
 def prepare_owners(backbone):
     """Method -> the method whose prepared folder it uses on `backbone` (variants share one)."""
-    from unike.config import methods_for
     from unike.editing import prepare_owners
 
-    return prepare_owners(methods_for(config, backbone))
+    return prepare_owners(settings.methods_for(config, backbone))
 
 
 def knowledge_files(wildcards):
     """UniKE's per-backbone knowledge, for editors that need it."""
     if not editor_flag(wildcards.method, "needs_knowledge"):
         return []
-    return [f"{OUT}/knowledge/{wildcards.backbone}/hidden_states.safetensors",
-            f"{OUT}/knowledge/{wildcards.backbone}/encoders.safetensors"]
+    folder = LAYOUT.knowledge(wildcards.backbone)
+    return [str(folder / "hidden_states.safetensors"), str(folder / "encoders.safetensors")]

@@ -1,62 +1,48 @@
 # Pre-edit predictions once per (backbone, task); then one edit_eval job per grid cell.
 
-from unike.config import SPLIT_FILES
-
-
-def eval_split(wildcards):
-    return annotation_files(wildcards.backbone, [wildcards.task], "eval")
-
 
 rule cache_pre_edit:
     input:
         backbone=backbone_ready,
-        split=eval_split,
+        split=lambda wc: annotation_files(wc.backbone, [wc.task], "eval"),
     output:
-        f"{OUT}/pre_edit/{{backbone}}/{{task}}.json",
+        out(Layout.PRE_EDIT_PATTERN),
+    params:
+        settings=lambda wc: settings.settings_hash(settings.eval_settings(config, wc.backbone, wc.task)),
     log:
-        f"{OUT}/logs/cache_pre_edit/{{backbone}}/{{task}}.log",
+        log_file("cache_pre_edit", "{backbone}", "{task}.log"),
     threads: THREADS
     resources:
-        mem_mb=3000,
+        mem_mb=memory(3000),
         runtime=30,
         gpu=1 if ON_GPU else 0,
     shell:
-        unike("cache-pre-edit") + " --backbone {wildcards.backbone} --task {wildcards.task} > {log} 2>&1"
-
-
-def _tasks(wildcards):
-    return ["e-vqa", "e-ic"] if wildcards.task == "cross-task" else [wildcards.task]
+        unike("cache-pre-edit", "backbone", "task")
 
 
 def pre_edit_files(wildcards):
-    return [f"{OUT}/pre_edit/{wildcards.backbone}/{t}.json" for t in _tasks(wildcards)]
-
-
-def eval_splits(wildcards):
-    return annotation_files(wildcards.backbone, _tasks(wildcards), "eval")
-
-
-def train_splits(wildcards):
-    return annotation_files(wildcards.backbone, _tasks(wildcards), "train")
+    return [str(LAYOUT.pre_edit(wildcards.backbone, t)) for t in case_tasks(wildcards.task)]
 
 
 rule prepare_editor:
     input:
         backbone=backbone_ready,
-        splits=train_splits,
+        splits=lambda wc: annotation_files(wc.backbone, case_tasks(wc.task), "train"),
         knowledge=knowledge_files,
     output:
-        f"{OUT}/editors/{{method}}/{{backbone}}/{{task}}/prepared.json",
+        out(Layout.PREPARED_PATTERN, "prepared.json"),
+    params:
+        settings=lambda wc: settings.settings_hash(
+            settings.prepare_settings(config, wc.method, wc.backbone, wc.task)),
     log:
-        f"{OUT}/logs/prepare_editor/{{method}}/{{backbone}}/{{task}}.log",
+        log_file("prepare_editor", "{method}", "{backbone}", "{task}.log"),
     threads: THREADS
     resources:
-        mem_mb=6000,
+        mem_mb=memory(6000),
         runtime=240,
         gpu=1 if ON_GPU else 0,
     shell:
-        unike("prepare-editor")
-        + " --method {wildcards.method} --backbone {wildcards.backbone} --task {wildcards.task} > {log} 2>&1"
+        unike("prepare-editor", "method", "backbone", "task")
 
 
 def prepared_editor(wildcards):
@@ -70,23 +56,23 @@ rule edit_eval:
     input:
         backbone=backbone_ready,
         pre_edit=pre_edit_files,
-        splits=eval_splits,
+        splits=lambda wc: annotation_files(wc.backbone, case_tasks(wc.task), "eval"),
         prepared=prepared_editor,
         knowledge=knowledge_files,
     output:
-        parquet=f"{OUT}/runs/{{method}}/{{backbone}}/{{task}}/{{regime}}/seed{{seed}}.parquet",
-        provenance=f"{OUT}/runs/{{method}}/{{backbone}}/{{task}}/{{regime}}/seed{{seed}}.json",
+        parquet=out(Layout.RUN_PATTERN + ".parquet"),
+        provenance=out(Layout.RUN_PATTERN + ".json"),
+    params:
+        settings=lambda wc: settings.cell_config_hash(config, Cell(wc.method, wc.backbone, wc.task, wc.regime)),
     log:
-        f"{OUT}/logs/edit_eval/{{method}}/{{backbone}}/{{task}}/{{regime}}/seed{{seed}}.log",
+        log_file("edit_eval", Layout.RUN_PATTERN + ".log"),
     threads: THREADS
     resources:
-        mem_mb=4000,
+        mem_mb=memory(4000),
         runtime=120,
         gpu=1 if ON_GPU else 0,
     shell:
-        unike("edit-eval")
-        + " --method {wildcards.method} --backbone {wildcards.backbone}"
-        + " --task {wildcards.task} --regime {wildcards.regime} > {log} 2>&1"
+        unike("edit-eval", "method", "backbone", "task", "regime")
 
 
 RUN_FILES = [str(LAYOUT.run_stem(c).with_suffix(".parquet")) for c in CELLS]

@@ -3,68 +3,80 @@
 # encoders' spaces in 2-D (Figure 5a).
 
 
+def knowledge_hash(stage):
+    return lambda wc: settings.settings_hash(settings.knowledge_settings(config, wc.backbone, stage))
+
+
 rule collect_triplets:
     input:
         backbone=backbone_ready,
-        splits=lambda wc: annotation_files(wc.backbone, ("e-vqa", "e-ic"), "train"),
+        splits=lambda wc: annotation_files(wc.backbone, case_tasks(CROSS_TASK), "train"),
     output:
-        f"{OUT}/knowledge/{{backbone}}/triplets.json",
+        out(Layout.KNOWLEDGE_PATTERN, "triplets.json"),
+    params:
+        settings=knowledge_hash("collect_triplets"),
     log:
-        f"{OUT}/logs/collect_triplets/{{backbone}}.log",
+        log_file("collect_triplets", "{backbone}.log"),
     threads: THREADS
     resources:
-        mem_mb=4000,
+        mem_mb=memory(4000),
         runtime=120,
         gpu=1 if ON_GPU else 0,
     shell:
-        unike("collect-triplets") + " --backbone {wildcards.backbone} > {log} 2>&1"
+        unike("collect-triplets", "backbone")
 
 
 rule extract_hidden_states:
     input:
         backbone=backbone_ready,
-        triplets=f"{OUT}/knowledge/{{backbone}}/triplets.json",
+        triplets=out(Layout.KNOWLEDGE_PATTERN, "triplets.json"),
     output:
-        f"{OUT}/knowledge/{{backbone}}/hidden_states.safetensors",
+        out(Layout.KNOWLEDGE_PATTERN, "hidden_states.safetensors"),
+    params:
+        settings=knowledge_hash("extract_hidden_states"),
     log:
-        f"{OUT}/logs/extract_hidden_states/{{backbone}}.log",
+        log_file("extract_hidden_states", "{backbone}.log"),
     threads: THREADS
     resources:
-        mem_mb=8000,
+        mem_mb=memory(8000),
         runtime=60,
         gpu=1 if ON_GPU else 0,
     shell:
-        unike("extract-hidden-states") + " --backbone {wildcards.backbone} > {log} 2>&1"
+        unike("extract-hidden-states", "backbone")
 
 
 rule pretrain_encoders:
     input:
-        f"{OUT}/knowledge/{{backbone}}/hidden_states.safetensors",
+        out(Layout.KNOWLEDGE_PATTERN, "hidden_states.safetensors"),
     output:
-        f"{OUT}/knowledge/{{backbone}}/encoders.safetensors",
-        f"{OUT}/knowledge/{{backbone}}/encoders.json",
+        out(Layout.KNOWLEDGE_PATTERN, "encoders.safetensors"),
+        out(Layout.KNOWLEDGE_PATTERN, "encoders.json"),
+    params:
+        settings=knowledge_hash("pretrain_encoders"),
     log:
-        f"{OUT}/logs/pretrain_encoders/{{backbone}}.log",
+        log_file("pretrain_encoders", "{backbone}.log"),
     threads: THREADS
     resources:
-        mem_mb=4000,
+        mem_mb=memory(4000),
         runtime=60,
     shell:
-        unike("pretrain-encoders") + " --backbone {wildcards.backbone} > {log} 2>&1"
+        unike("pretrain-encoders", "backbone")
 
 
 rule embed_spaces:  # Figure 5a: t-SNE of the semantic and truthfulness spaces (CPU, deterministic)
     input:
-        states=f"{OUT}/knowledge/{{backbone}}/hidden_states.safetensors",
-        encoders=f"{OUT}/knowledge/{{backbone}}/encoders.safetensors",
-        report=f"{OUT}/knowledge/{{backbone}}/encoders.json",
+        states=out(Layout.KNOWLEDGE_PATTERN, "hidden_states.safetensors"),
+        encoders=out(Layout.KNOWLEDGE_PATTERN, "encoders.safetensors"),
+        report=out(Layout.KNOWLEDGE_PATTERN, "encoders.json"),
     output:
-        f"{OUT}/knowledge/{{backbone}}/spaces.parquet",
+        out(Layout.KNOWLEDGE_PATTERN, "spaces.parquet"),
+    params:
+        settings=knowledge_hash("embed_spaces"),
     log:
-        f"{OUT}/logs/embed_spaces/{{backbone}}.log",
+        log_file("embed_spaces", "{backbone}.log"),
     threads: THREADS
     resources:
-        mem_mb=4000,
+        mem_mb=memory(4000),
         runtime=30,
     shell:
-        unike("embed-spaces") + " --backbone {wildcards.backbone} > {log} 2>&1"
+        unike("embed-spaces", "backbone")

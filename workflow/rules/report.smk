@@ -5,34 +5,37 @@ from reports.outputs import report_files
 localrules: aggregate, report
 
 # Figure 5a plots UniKE's knowledge spaces (t-SNE), one file per backbone of the grid.
-SPACES = ([f"{OUT}/knowledge/{b}/spaces.parquet" for b in sorted({c.backbone for c in CELLS})]
+SPACES = ([str(LAYOUT.knowledge(b) / "spaces.parquet") for b in sorted({c.backbone for c in CELLS})]
           if "knowledge" in config else [])
-FIGURE4 = config.get("report", {}).get("figure4")
+FIGURE4 = settings.figure4_points(config)
 
 
 rule aggregate:
     input:
         RUN_FILES,
     output:
-        f"{OUT}/metrics.duckdb",
+        str(LAYOUT.db),
     log:
-        f"{OUT}/logs/aggregate.log",
+        log_file("aggregate.log"),
     shell:
-        unike("aggregate") + " {input} > {log} 2>&1"
+        "{PYTHON} -m unike aggregate --config {CONFIG_FILE} {input:q} > {log:q} 2>&1"
 
 
 rule report:
     input:
-        db=f"{OUT}/metrics.duckdb",
+        db=str(LAYOUT.db),
         spaces=SPACES,
     output:
         # Every file the step writes (reports.render checks it writes exactly these).
-        [f"{OUT}/report/{f}" for f in report_files(figure4=bool(FIGURE4), figure5a=bool(SPACES))],
+        [str(LAYOUT.report / f) for f in report_files(figure4=bool(FIGURE4), figure5a=bool(SPACES))],
     params:
-        # A changed report section or backbone mapping re-renders (Snakemake's params trigger).
-        figure4=FIGURE4,
-        backbone_map={b: config["backbones"][b]["paper_name"] for b in BACKBONES},
+        # What decides the rendering besides the DB: the paper names and Figure 4's points.
+        settings=settings.settings_hash({
+            "figure4": FIGURE4,
+            "backbones": {b: config["backbones"][b]["paper_name"] for b in BACKBONES},
+            "methods": {m: e.get("paper_name") for m, e in config["methods"].items()},
+        }),
     log:
-        f"{OUT}/logs/report.log",
+        log_file("report.log"),
     shell:
-        unike("report") + " --spaces {input.spaces} > {log} 2>&1"
+        "{PYTHON} -m unike report --config {CONFIG_FILE} --spaces {input.spaces:q} > {log:q} 2>&1"

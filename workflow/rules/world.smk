@@ -1,16 +1,17 @@
 # The embedded tiny world (only when data.source is tiny-world).
 
-WORLD_FILES = ["world.json", "pretrain.json", "pretrain_eval.json", "vqa_train.json", "vqa_eval.json",
-               "caption_train_edit.json", "caption_eval_edit.json"]
+WORLD_FILES = ["world.json", "pretrain.json", "pretrain_eval.json", *sorted(set(SPLIT_FILES.values()))]
 
 
 rule make_world:
     output:
-        [f"{OUT}/world/{name}" for name in WORLD_FILES],
+        [out(Layout.WORLD, name) for name in WORLD_FILES],
+    params:
+        settings=settings.settings_hash(settings.world_settings(config)),
     log:
-        f"{OUT}/logs/make_world.log",
+        log_file("make_world") + ".log",
     resources:
-        mem_mb=1000,
+        mem_mb=memory(1000),
         runtime=10,
     shell:
-        unike("make-world") + " > {log} 2>&1"
+        unike("make-world")
