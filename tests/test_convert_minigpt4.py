@@ -1,16 +1,28 @@
-"""The MiniGPT-4 converter on tiny fake checkpoints with the original key names.
+"""The MiniGPT-4 converter on tiny fakes of the real files, and the published configs of
+both paper backbones.
 
-The fakes follow MiniGPT-4's files: `eva_vit_g.pth` (a flat EVA ViT state dict with one
-block more than MiniGPT-4 uses), `blip2_pretrained_flant5xxl.pth` (LAVIS `{"model": ...}`
-with the stage-1 heads and Q-Former text branch MiniGPT-4 drops), `prerained_minigpt4_7b.pth`
-(`llama_proj`) and a random LLaMA directory standing in for Vicuna. The converted model is
-checked tensor by tensor against the originals, and its image features against a forward
-pass written here with plain torch ops over the original key names.
+Each fake holds exactly the key families its real file holds (each family below cites the
+code that puts it there), at toy sizes:
+- `eva_vit_g.pth`: EVA-CLIP-g's visual tower, one block more than MiniGPT-4 uses, with the
+  final norm and CLIP projection head MiniGPT-4's ViT lacks;
+- `blip2_pretrained_flant5xxl.pth`: LAVIS' FlanT5 pretraining checkpoint, i.e. what was
+  trained there (ln_vision, query tokens, the Q-Former without its text branch, t5_proj)
+  plus the Q-Former's position_ids buffer;
+- `prerained_minigpt4_7b.pth`: MiniGPT-4's runner checkpoint (model, optimizer, config,
+  scaler, epoch) whose model part is llama_proj plus the frozen modules' buffers
+  (position_ids, one RoPE inv_freq per LLaMA layer);
+- Vicuna: a random LLaMA directory whose config is the published Vicuna-7B v0 config.json
+  (tests/fixtures) with toy sizes.
+The converted model is checked tensor by tensor against the originals, and its image
+features against a forward pass written here with plain torch ops over the original key
+names. The published configs (tests/fixtures/README.md) are parsed as the loaders parse them.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,16 +31,21 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from unike.backbones import IMAGE_TOKEN, load_backbone
-from unike.data import Sample
-from unike.convert_minigpt4 import ConversionError, Sources, convert
+from unike.backbones import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, Sample, backbone_settings, load_backbone
+from unike.convert_minigpt4 import ConversionError, Sources, check_rope_buffers, convert, vicuna_config
 
-EVA = dict(width=40, heads=4, patch=4, image=16, blocks=3, mlp=72)  # MiniGPT-4 uses blocks - 1
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+VICUNA_CONFIG = FIXTURES / "vicuna-7b-delta-v0"
+BLIP2_OPT_CONFIG = FIXTURES / "blip2-opt-2.7b"
+EVA = dict(width=40, heads=4, patch=4, image=16, blocks=3, mlp=72, clip_dim=24)  # MiniGPT-4 uses blocks - 1
 USED_BLOCKS = 2
-QF = dict(width=32, heads=4, layers=3, cross_every=2, ffn=64, queries=32)
+QF = dict(width=32, heads=4, layers=3, cross_every=2, ffn=64, queries=32, max_positions=40, t5_width=20)
 LLM = dict(width=48, heads=4, layers=2, ffn=96)
 WORDS = ["question", "short", "answer", ":", "what", "is", "this", "a", "cat", "dog", "###", "human", "<", "img",
          ">", "</", "/"]
+# MiniGPT-4's LLaMA builds its RoPE with the class default base (minigpt4/models/modeling_llama.py:78,
+# Vision-CAIR/MiniGPT-4@525970b); the published Vicuna config has no rope_theta, i.e. the same default.
+MINIGPT4_ROPE_BASE = 10000
 
 
 # ------------------------------------------------------------------------ fake checkpoints
@@ -47,11 +64,22 @@ def _linear(gen, prefix, out_dim, in_dim, bias=True):
     return sd
 
 
+def minigpt4_inv_freq(head_dim: int, base: float = MINIGPT4_ROPE_BASE) -> torch.Tensor:
+    """The buffer as MiniGPT-4's LlamaRotaryEmbedding computes it (modeling_llama.py:80)."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+
 def fake_eva(gen) -> dict:
+    """eva_vit_g.pth: EVA-CLIP-g's `visual` tower as a flat state dict (LAVIS loads it into
+    its VisionTransformer with strict=False, lavis/models/eva_vit.py create_eva_vit_g)."""
     d, n = EVA["width"], (EVA["image"] // EVA["patch"]) ** 2
+    # Embeddings: EVA-01/clip/vit_model.py:261-267 (baaivision/EVA@5623d08).
     sd = {"cls_token": _rand(gen, 1, 1, d), "pos_embed": _rand(gen, 1, n + 1, d),
           "patch_embed.proj.weight": _rand(gen, d, 3, EVA["patch"], EVA["patch"], scale=0.2),
           "patch_embed.proj.bias": _rand(gen, d, scale=0.1)}
+    # All of EVA-CLIP-g's blocks: 40 (EVA-01/clip/model_configs/EVA_CLIP_g_14.json "layers"), one more
+    # than MiniGPT-4 builds (depth=39, minigpt4/models/eva_vit.py:421); the file has 40 (AILab-CVC/SEED
+    # issue 18). q/v biases without a k bias: vit_model.py Attention; no layer scale (init_values None).
     for i in range(EVA["blocks"]):
         p = f"blocks.{i}"
         sd |= _norm(gen, f"{p}.norm1", d) | _norm(gen, f"{p}.norm2", d)
@@ -59,14 +87,24 @@ def fake_eva(gen) -> dict:
         sd |= {f"{p}.attn.q_bias": _rand(gen, d, scale=0.1), f"{p}.attn.v_bias": _rand(gen, d, scale=0.1)}
         sd |= _linear(gen, f"{p}.attn.proj", d, d) | _linear(gen, f"{p}.mlp.fc1", EVA["mlp"], d)
         sd |= _linear(gen, f"{p}.mlp.fc2", d, EVA["mlp"])
+    # The final norm and the CLIP projection head: vit_model.py:285-287 with use_mean_pooling=False and
+    # num_classes = CLIP's embed_dim (EVA-01/clip/eva_model.py:292-305); no fc_norm without mean pooling.
+    # LAVIS' and MiniGPT-4's ViT comment both out (minigpt4/models/eva_vit.py:284-286).
+    sd |= _norm(gen, "norm", d) | _linear(gen, "head", EVA["clip_dim"], d)
     return sd
 
 
 def fake_qformer_checkpoint(gen) -> dict:
-    """BLIP-2 stage 1 as LAVIS saves it: what MiniGPT-4 uses plus what it drops."""
+    """blip2_pretrained_flant5xxl.pth's "model": the parameters LAVIS' Blip2T5 trains, plus
+    buffers (the runner keeps buffers and drops frozen parameters: lavis/runners/runner_base.py:586-607,
+    salesforce/LAVIS@506965b). Not stored: the frozen ViT and FlanT5 (LAVIS issues 128 and 131)."""
     h, d = QF["width"], EVA["width"]
+    # ln_vision is trained by Blip2T5 (only the ViT is frozen: lavis/models/blip2_models/blip2_t5.py:64-69).
     sd = _norm(gen, "ln_vision", d) | {"query_tokens": _rand(gen, 1, QF["queries"], h, scale=0.5)}
     sd |= _norm(gen, "Qformer.bert.embeddings.LayerNorm", h)
+    # The embeddings' position_ids buffer (lavis/models/blip2_models/Qformer.py:69-71) survives
+    # Blip2T5 setting word/position embeddings to None (blip2_t5.py:75-76).
+    sd["Qformer.bert.embeddings.position_ids"] = torch.arange(QF["max_positions"]).expand((1, -1))
     for i in range(QF["layers"]):
         p = f"Qformer.bert.encoder.layer.{i}"
         for name in ("query", "key", "value"):
@@ -80,25 +118,56 @@ def fake_qformer_checkpoint(gen) -> dict:
             sd |= _norm(gen, f"{p}.crossattention.output.LayerNorm", h)
         sd |= _linear(gen, f"{p}.intermediate_query.dense", QF["ffn"], h)
         sd |= _linear(gen, f"{p}.output_query.dense", h, QF["ffn"]) | _norm(gen, f"{p}.output_query.LayerNorm", h)
-        # the text branch MiniGPT-4 sets to None
-        sd |= _linear(gen, f"{p}.intermediate.dense", QF["ffn"], h)
-        sd |= _linear(gen, f"{p}.output.dense", h, QF["ffn"]) | _norm(gen, f"{p}.output.LayerNorm", h)
-    unused = {
-        "Qformer.bert.embeddings.word_embeddings.weight": _rand(gen, 30, h),
-        "Qformer.bert.embeddings.position_embeddings.weight": _rand(gen, 64, h),
-        "Qformer.bert.embeddings.position_ids": torch.arange(64).unsqueeze(0),
-        "Qformer.cls.predictions.bias": _rand(gen, 30),
-        "Qformer.cls.predictions.transform.dense.weight": _rand(gen, h, h),
-        "vision_proj.weight": _rand(gen, 16, h), "text_proj.weight": _rand(gen, 16, h),
-        "itm_head.weight": _rand(gen, 2, h), "temp": torch.tensor(0.07),
+        # No text-branch FFN (intermediate / output): set to None before training (blip2_t5.py:77-79;
+        # "missing from the stage-2 pre-trained checkpoint", LAVIS issue 344). No Qformer.cls either (:74).
+    # The projection into FlanT5 (blip2_t5.py:92-94), trained, hence saved.
+    sd |= _linear(gen, "t5_proj", QF["t5_width"], h)
+    return sd
+
+
+def fake_minigpt4_checkpoint(gen, head_dim: int) -> dict:
+    """prerained_minigpt4_7b.pth as MiniGPT-4's runner saves it (minigpt4/runners/runner_base.py:575-600,
+    Vision-CAIR/MiniGPT-4@525970b): the state dict minus every parameter with requires_grad False,
+    the optimizer, the config, the AMP scaler and the epoch."""
+    proj = torch.nn.Linear(QF["width"], LLM["width"])
+    with torch.no_grad():
+        for name, value in _linear(gen, "p", LLM["width"], QF["width"]).items():
+            getattr(proj, name.split(".")[1]).copy_(value)
+    # AdamW over the trainable parameters in two groups, weight decay on matrices only
+    # (runner_base.py:99-127; rates of train_configs/minigpt4_stage2_finetune.yaml), after one
+    # step so that it has state.
+    optimizer = torch.optim.AdamW([{"params": [proj.weight], "weight_decay": 0.05},
+                                   {"params": [proj.bias], "weight_decay": 0}], lr=3e-5, betas=(0.9, 0.999))
+    proj(torch.randn(2, QF["width"], generator=gen)).sum().backward()
+    optimizer.step()
+    model = {
+        # MiniGPT-4 freezes the ViT, ln_vision, the Q-Former, the query tokens and LLaMA
+        # (minigpt4/models/mini_gpt4.py:54, 58, 78, 81, 103), so their parameters are dropped;
+        # their buffers stay: the Q-Former's position_ids (minigpt4/models/Qformer.py:69) ...
+        "Qformer.bert.embeddings.position_ids": torch.arange(QF["max_positions"]).expand((1, -1)),
+        # ... and one persistent RoPE inv_freq per LLaMA layer (minigpt4/models/modeling_llama.py:81).
+        **{f"llama_model.model.layers.{i}.self_attn.rotary_emb.inv_freq": minigpt4_inv_freq(head_dim)
+           for i in range(LLM["layers"])},
+        # llama_proj, the one trained layer (mini_gpt4.py:106).
+        **{f"llama_proj.{k}": v.detach().clone() for k, v in proj.state_dict().items()},
     }
-    return sd | unused
+    return {"model": model, "optimizer": optimizer.state_dict(),
+            # Config.to_dict is OmegaConf.to_container (minigpt4/common/config.py:165-166): plain
+            # containers; a few entries of minigpt4_stage2_finetune.yaml.
+            "config": {"model": {"arch": "mini_gpt4", "model_type": "pretrain_vicuna", "freeze_vit": True,
+                                 "freeze_qformer": True},
+                       "datasets": {"cc_sbu_align": {"vis_processor": {"train": {"image_size": 224}}}},
+                       "run": {"task": "image_text_pretrain", "amp": True}},
+            # run.amp is True in MiniGPT-4's training configs: a GradScaler (runner_base.py:137).
+            "scaler": torch.amp.GradScaler("cpu").state_dict(), "epoch": 4}
 
 
-UNUSED_QFORMER_KEYS = {"Qformer.bert.embeddings.word_embeddings.weight",
-                       "Qformer.bert.embeddings.position_embeddings.weight", "Qformer.bert.embeddings.position_ids", "Qformer.cls.predictions.bias",
-                       "Qformer.cls.predictions.transform.dense.weight", "vision_proj.weight", "text_proj.weight",
-                       "itm_head.weight", "temp"}
+def expected_skips(eva: dict, minigpt4: dict) -> set[str]:
+    """The fakes' keys MiniGPT-4 never uses, family by family (see the builders above)."""
+    eva_unused = {f"visual_encoder.{k}" for k in eva
+                  if k.startswith((f"blocks.{USED_BLOCKS}.", "norm.", "head."))}
+    return (eva_unused | {"t5_proj.weight", "t5_proj.bias", "Qformer.bert.embeddings.position_ids"}
+            | {k for k in minigpt4 if k.endswith("rotary_emb.inv_freq")})
 
 
 def llama_like_tokenizer():
@@ -115,14 +184,16 @@ def llama_like_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def fake_vicuna(path, gen):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def fake_vicuna(path, gen, published: Path = VICUNA_CONFIG):
+    """A random LLaMA whose config is a published Vicuna config.json, parsed by the
+    converter's own reader, at toy sizes (everything else as published)."""
+    from transformers import LlamaForCausalLM
 
     tok = llama_like_tokenizer()
-    config = LlamaConfig(hidden_size=LLM["width"], num_hidden_layers=LLM["layers"], intermediate_size=LLM["ffn"],
-                         num_attention_heads=LLM["heads"], num_key_value_heads=LLM["heads"], vocab_size=len(tok),
-                         max_position_embeddings=128, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         tie_word_embeddings=False)
+    config = vicuna_config(published)
+    config.update(dict(hidden_size=LLM["width"], num_hidden_layers=LLM["layers"], intermediate_size=LLM["ffn"],
+                       num_attention_heads=LLM["heads"], num_key_value_heads=LLM["heads"],
+                       head_dim=LLM["width"] // LLM["heads"], vocab_size=len(tok)))
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -137,14 +208,15 @@ def originals(tmp_path_factory):
     root = tmp_path_factory.mktemp("minigpt4_originals")
     gen = torch.Generator().manual_seed(0)
     eva, qformer = fake_eva(gen), fake_qformer_checkpoint(gen)
-    proj = _linear(gen, "llama_proj", LLM["width"], QF["width"])
+    minigpt4 = fake_minigpt4_checkpoint(gen, LLM["width"] // LLM["heads"])
     torch.save(eva, root / "eva_vit_g.pth")
-    torch.save({"model": qformer}, root / "blip2_pretrained_flant5xxl.pth")
-    torch.save({"model": proj}, root / "prerained_minigpt4_7b.pth")
+    torch.save({"model": qformer}, root / "blip2_pretrained_flant5xxl.pth")  # LAVIS reads checkpoint["model"]
+    torch.save(minigpt4, root / "prerained_minigpt4_7b.pth")
     vicuna = fake_vicuna(root / "vicuna-7b", gen)
     sources = Sources(root / "eva_vit_g.pth", root / "blip2_pretrained_flant5xxl.pth",
                       root / "prerained_minigpt4_7b.pth", root / "vicuna-7b")
-    return {"root": root, "sources": sources, "eva": eva, "qformer": qformer, "proj": proj, "vicuna": vicuna}
+    return {"root": root, "sources": sources, "eva": eva, "qformer": qformer, "minigpt4": minigpt4["model"],
+            "proj": {k: v for k, v in minigpt4["model"].items() if k.startswith("llama_proj.")}, "vicuna": vicuna}
 
 
 CONVERT_KW = dict(llm_dtype="float32", vision_layers=USED_BLOCKS, vision_heads=EVA["heads"], qformer_heads=QF["heads"])
@@ -167,11 +239,10 @@ def hf_model(converted):
 # ------------------------------------------------------------------------ every tensor lands
 def test_every_original_tensor_lands_and_nothing_is_left_at_init(originals, converted, hf_model):
     state = hf_model.state_dict()
-    used = {f"visual_encoder.{k}": v for k, v in originals["eva"].items() if not k.startswith(f"blocks.{USED_BLOCKS}.")}
-    used |= {k: v for k, v in originals["qformer"].items()
-             if k not in UNUSED_QFORMER_KEYS and ".intermediate." not in k and not any(
-                 f"layer.{i}.output." in k for i in range(QF["layers"]))}
-    used |= originals["proj"]
+    skips = expected_skips(originals["eva"], originals["minigpt4"])
+    used = {f"visual_encoder.{k}": v for k, v in originals["eva"].items()}
+    used |= originals["qformer"] | originals["minigpt4"]
+    used = {k: v for k, v in used.items() if k not in skips}
 
     # Found by value, independently of the converter's renaming table.
     covered: set[str] = set()
@@ -201,13 +272,17 @@ def test_every_original_tensor_lands_and_nothing_is_left_at_init(originals, conv
         covered.add(f"language_model.{key}")
 
     assert covered == set(state), f"left at init: {sorted(set(state) - covered)}"
-    skipped = converted[1]["skipped_keys"]
-    expected_skips = UNUSED_QFORMER_KEYS | {f"visual_encoder.{k}" for k in originals["eva"]
-                                            if k.startswith(f"blocks.{USED_BLOCKS}.")}
-    expected_skips |= {k for k in originals["qformer"] if ".intermediate." in k or any(
-        f"layer.{i}.output." in k for i in range(QF["layers"]))}
-    assert set(skipped) == expected_skips
+    assert set(converted[1]["skipped_keys"]) == skips
     assert converted[1]["n_original_tensors"] == len(used)
+
+
+def test_the_converted_directory_loads_with_no_missing_or_unexpected_keys(converted):
+    from transformers import Blip2ForConditionalGeneration
+
+    _, info = Blip2ForConditionalGeneration.from_pretrained(converted[0], output_loading_info=True)
+    assert {k: sorted(v) for k, v in info.items() if k != "error_msgs"} == {
+        "missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    assert not info["error_msgs"]
 
 
 def test_converted_config_fits_the_minigpt4_prompt(converted, hf_model):
@@ -225,6 +300,31 @@ def test_converted_config_fits_the_minigpt4_prompt(converted, hf_model):
     assert tok.pad_token == "<unk>"
     # text never produces the placeholder, and the placeholder is one token
     assert tok("<image>", add_special_tokens=False)["input_ids"] == [cfg.image_token_id]
+    # The text side keeps the published Vicuna config (only the sizes are the fake's), whose
+    # special-token ids are LLaMA's, the tokenizer's.
+    published = json.loads((VICUNA_CONFIG / "config.json").read_text())
+    for name in ("hidden_act", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "bos_token_id",
+                 "eos_token_id", "pad_token_id"):
+        assert getattr(cfg.text_config, name) == published[name], name
+    assert (published["bos_token_id"], published["eos_token_id"], published["pad_token_id"]) == (
+        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+
+
+def test_a_2023_llama_conversions_special_ids_give_way_to_the_tokenizers(originals, tmp_path):
+    """MiniGPT-4's own Vicuna v0 (Vision-CAIR/vicuna, 13B) carries the first LLaMA
+    conversion's ids: bos 0, eos 1, pad -1. The converted text config takes the tokenizer's."""
+    from transformers import AutoTokenizer
+
+    published_dir = FIXTURES / "vision-cair-vicuna-13b-v0"
+    published = json.loads((published_dir / "config.json").read_text())
+    fake_vicuna(tmp_path / "vicuna", torch.Generator().manual_seed(2), published_dir)
+    s = originals["sources"]
+    convert(Sources(s.eva_vit, s.qformer, s.minigpt4, tmp_path / "vicuna"), tmp_path / "out", **CONVERT_KW)
+    text = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+    assert [text[k] for k in ids] == [getattr(tok, k) for k in ids] != [published[k] for k in ids]
+    assert text["rms_norm_eps"] == published["rms_norm_eps"] and text["vocab_size"] == len(tok)
 
 
 # ------------------------------------------------------------------------ an independent forward
@@ -319,15 +419,23 @@ def test_backbone_encode_and_logits_run_on_the_converted_model(converted, tmp_pa
 
 
 # ------------------------------------------------------------------------ clear failures
-def _sources_with(originals, tmp_path, *, eva=None, qformer=None):
+def _sources_with(originals, tmp_path, *, eva=None, qformer=None, minigpt4=None):
+    """The fakes with some state dicts replaced (MiniGPT-4's inside its runner wrapper)."""
     s = originals["sources"]
     if eva is not None:
         torch.save(eva, tmp_path / "eva_vit_g.pth")
     if qformer is not None:
         torch.save({"model": qformer}, tmp_path / "blip2_pretrained_flant5xxl.pth")
+    if minigpt4 is not None:
+        wrapper = torch.load(s.minigpt4, weights_only=True)
+        torch.save(wrapper | {"model": minigpt4}, tmp_path / "prerained_minigpt4_7b.pth")
     return Sources(tmp_path / "eva_vit_g.pth" if eva is not None else s.eva_vit,
                    tmp_path / "blip2_pretrained_flant5xxl.pth" if qformer is not None else s.qformer,
-                   s.minigpt4, s.vicuna)
+                   tmp_path / "prerained_minigpt4_7b.pth" if minigpt4 is not None else s.minigpt4, s.vicuna)
+
+
+def _rope_key(layer: int) -> str:
+    return f"llama_model.model.layers.{layer}.self_attn.rotary_emb.inv_freq"
 
 
 def test_a_missing_key_is_named(originals, tmp_path):
@@ -349,6 +457,30 @@ def test_an_unexpected_key_is_named(originals, tmp_path):
     provenance = convert(_sources_with(originals, tmp_path, eva=eva), tmp_path / "out",
                          ignore=("visual_encoder.blocks.*.attn.rel_scale",), **CONVERT_KW)
     assert "visual_encoder.blocks.0.attn.rel_scale" in provenance["skipped_keys"]
+
+
+def test_a_qformer_checkpoint_with_other_parts_is_refused(originals, tmp_path):
+    """A BLIP-2 stage-1 checkpoint (contrastive / matching heads, the Q-Former's text branch)
+    is not the Q-Former MiniGPT-4 was trained on: its extra keys are named, not skipped."""
+    h = QF["width"]
+    stage1 = dict(originals["qformer"]) | {"itm_head.weight": torch.ones(2, h), "temp": torch.ones(()),
+                                           "Qformer.bert.encoder.layer.0.intermediate.dense.weight": torch.ones(4, h)}
+    with pytest.raises(ConversionError, match=r"unexpected keys \(3;.*intermediate\.dense\.weight.*itm_head\.weight"
+                                              r".*temp \(from .*blip2_pretrained_flant5xxl\.pth\)"):
+        convert(_sources_with(originals, tmp_path, qformer=stage1), tmp_path / "out", **CONVERT_KW)
+
+
+def test_rope_buffers_of_another_base_or_depth_are_refused(originals, tmp_path):
+    head_dim = LLM["width"] // LLM["heads"]
+    other_base = dict(originals["minigpt4"]) | {_rope_key(1): minigpt4_inv_freq(head_dim, base=500000)}
+    with pytest.raises(ConversionError, match=rf"^{re.escape(_rope_key(1))} differs from the RoPE frequencies of "
+                                              r".*vicuna-7b/config\.json"):
+        convert(_sources_with(originals, tmp_path, minigpt4=other_base), tmp_path / "out", **CONVERT_KW)
+    deeper = dict(originals["minigpt4"]) | {_rope_key(LLM["layers"]): minigpt4_inv_freq(head_dim)}
+    with pytest.raises(ConversionError,
+                       match=rf"RoPE buffers for layers \[0, 1, 2\] but .* has {LLM['layers']} layers"):
+        convert(_sources_with(originals, tmp_path, minigpt4=deeper), tmp_path / "out", **CONVERT_KW)
+    assert not (tmp_path / "out").exists()
 
 
 def test_pickled_objects_are_refused(originals, tmp_path):
@@ -382,3 +514,108 @@ def test_cli_step_writes_into_the_configured_backbone_path(originals, tmp_path, 
           "--vicuna", str(s.vicuna), "--ignore", "nothing.*"])
     assert (out / "config.json").is_file() and (out / "unike_backbone.json").is_file()
     assert load_backbone("minigpt4-7b", out).prompt_style == "minigpt4"
+
+
+# ------------------------------------------------------------------------ the published configs
+def test_the_published_vicuna_config_gives_minigpt4s_rope():
+    """Vicuna-7B v0's config.json read by the converter: the RoPE it implies (no rope_theta in
+    the file, so transformers' default) is the one MiniGPT-4 ran, at full size."""
+    config = vicuna_config(VICUNA_CONFIG)
+    published = json.loads((VICUNA_CONFIG / "config.json").read_text())
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        assert getattr(config, name) == published[name], name
+    assert "rope_theta" not in published and config.rope_parameters["rope_theta"] == MINIGPT4_ROPE_BASE
+    head_dim = published["hidden_size"] // published["num_attention_heads"]
+    buffers = {_rope_key(i): minigpt4_inv_freq(head_dim) for i in range(published["num_hidden_layers"])}
+    check_rope_buffers(buffers, config, "vicuna")
+    check_rope_buffers({k: v.half() for k, v in buffers.items()}, config, "vicuna")  # fp16-rounded on the way
+    with pytest.raises(ConversionError, match=rf"^{re.escape(_rope_key(0))} differs"):
+        check_rope_buffers(buffers | {_rope_key(0): minigpt4_inv_freq(head_dim, base=1e6)}, config, "vicuna")
+
+
+def opt_like_tokenizer(image_token_id: int):
+    """Word-level, with OPT's special tokens at OPT's ids (`</s>` is BOS, EOS and UNK, as in
+    Salesforce/blip2-opt-2.7b's special_tokens_map.json) and `<image>` added at the id the
+    published config gives it; filler tokens stand in for the BPE vocabulary in between."""
+    from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<s>", "<pad>", "</s>", "<unk>", *WORDS]
+    vocab = {w: i for i, w in enumerate(words + [f"filler{i}" for i in range(image_token_id - len(words))])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="</s>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<pad>", "</s>", AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", unk_token="</s>",
+                                   pad_token="<pad>")
+
+
+def published_blip2_opt_config():
+    """config.json parsed by the config class `Blip2ForConditionalGeneration.from_pretrained`
+    (hence `load_backbone`) parses it with."""
+    from transformers import Blip2ForConditionalGeneration
+
+    return Blip2ForConditionalGeneration.config_class.from_pretrained(BLIP2_OPT_CONFIG, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def blip2_opt(tmp_path_factory):
+    """A random BLIP-2 OPT directory with the published config at toy widths and depths
+    (vocabulary, image size, special ids and every other field as published)."""
+    from transformers import Blip2ForConditionalGeneration
+
+    config = published_blip2_opt_config()
+    width = 16
+    config.vision_config.update(dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+                                     num_attention_heads=2))
+    config.qformer_config.update(dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                                      num_attention_heads=2, encoder_hidden_size=width))
+    config.text_config.update(dict(hidden_size=width, word_embed_proj_dim=width, ffn_dim=2 * width,
+                                   num_hidden_layers=1, num_attention_heads=2))
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("blip2-opt-2.7b")
+    Blip2ForConditionalGeneration(config).save_pretrained(path)
+    opt_like_tokenizer(config.image_token_id).save_pretrained(path)
+    return path
+
+
+def test_the_published_blip2_opt_config_loads_through_load_backbone(blip2_opt, tmp_path):
+    published = json.loads((BLIP2_OPT_CONFIG / "config.json").read_text())
+    config = published_blip2_opt_config()
+    # transformers 5 reads the 2024 field name image_token_index as image_token_id.
+    assert config.image_token_id == published["image_token_index"]
+    assert config.text_config.vocab_size == published["text_config"]["vocab_size"] > config.image_token_id
+    # The loader's settings from the published config alone: OPT -> BLIP-2's prompt, the ViT's 224 px.
+    settings = backbone_settings(BLIP2_OPT_CONFIG, config)
+    assert (settings["prompt_style"], settings["image_size"]) == ("blip2", config.vision_config.image_size)
+
+    backbone = load_backbone("blip2-opt-2.7b", blip2_opt)
+    assert (backbone.prompt_style, backbone.image_size, backbone.num_query_tokens) == (
+        "blip2", config.vision_config.image_size, published["num_query_tokens"])
+    assert backbone.image_token_id == backbone.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == config.image_token_id
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(image)
+    batch = backbone.encode([Sample(image, "question: what is this short answer:", "a cat")])
+    logits = backbone.logits(batch)
+    with torch.no_grad():
+        ref = backbone.model(pixel_values=backbone.load_pixels([image]), input_ids=batch.input_ids,
+                             attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_load_pixels_is_the_published_image_processor(blip2_opt, tmp_path):
+    """Backbone.load_pixels (LAVIS' eval preprocessing) against transformers' BlipImageProcessor
+    configured by the published preprocessor_config.json, at the published size."""
+    from transformers import BlipImageProcessor
+
+    published = json.loads((BLIP2_OPT_CONFIG / "preprocessor_config.json").read_text())
+    assert tuple(published["image_mean"]) == CLIP_MEAN and tuple(published["image_std"]) == CLIP_STD
+    processor = BlipImageProcessor.from_pretrained(BLIP2_OPT_CONFIG, local_files_only=True)
+    backbone = load_backbone("blip2-opt-2.7b", blip2_opt)
+    assert backbone.image_size == published["size"]["height"] == published["size"]["width"]
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(image)
+    with Image.open(image) as im:
+        ref = processor(im, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(backbone.load_pixels([image]), ref, atol=1e-5, rtol=1e-5)

@@ -4,10 +4,20 @@ MiniGPT-4 is BLIP-2's vision side (EVA ViT-g + `ln_vision` + Q-Former with 32 qu
 feeding Vicuna through one linear layer (`llama_proj`). It ships as four pieces, loaded in
 this order by MiniGPT-4 (later pieces win where they overlap):
 
-1. `eva_vit_g.pth`                 EVA ViT-g, flat state dict (`cls_token`, `blocks.N...`)
-2. `blip2_pretrained_flant5xxl.pth` BLIP-2 stage-1 checkpoint, `{"model": ...}`: `ln_vision`,
-                                   `query_tokens`, `Qformer.bert...` and heads MiniGPT-4 drops
-3. `prerained_minigpt4_7b.pth`     (sic) MiniGPT-4 stage 2, `{"model": ...}`: `llama_proj`
+1. `eva_vit_g.pth`                 EVA-CLIP-g's visual tower, a flat state dict: `cls_token`,
+                                   `pos_embed`, `patch_embed.*`, 40 `blocks.N.*` (MiniGPT-4 builds
+                                   39) and the final `norm.*` and CLIP projection `head.*`, which
+                                   MiniGPT-4's ViT does not have
+2. `blip2_pretrained_flant5xxl.pth` LAVIS' BLIP-2 FlanT5-XXL pretraining checkpoint,
+                                   `{"model": ...}` with the parameters that were trained:
+                                   `ln_vision`, `query_tokens`, the Q-Former without its text
+                                   branch, and `t5_proj` (the projection into FlanT5, unused
+                                   here), plus the Q-Former's `position_ids` buffer
+3. `prerained_minigpt4_7b.pth`     (sic) MiniGPT-4 stage 2 as its runner saves a checkpoint:
+                                   `{"model", "optimizer", "config", "scaler", "epoch"}`; "model"
+                                   holds `llama_proj` (the one trained layer) and the buffers of
+                                   the frozen modules: `Qformer.bert.embeddings.position_ids` and
+                                   one RoPE `inv_freq` per LLaMA layer
 4. Vicuna-7B v0                    a Hugging Face LLaMA directory (weights + tokenizer)
 
 Transformers' Blip2 is the same architecture, so the conversion is a renaming
@@ -16,9 +26,10 @@ Transformers' Blip2 is the same architecture, so the conversion is a renaming
 gets an `<image>` placeholder token (embedding and LM-head rows set to the mean of the
 existing rows, so it can never be the argmax). Every tensor MiniGPT-4 uses must land
 somewhere and every weight of the converted model must come from a checkpoint: anything
-else is an error naming the keys. Only checkpoint entries MiniGPT-4 itself never uses
-(listed in `UNUSED`) are skipped, and the skipped names are recorded in
-unike_backbone.json.
+else is an error naming the keys. Only the entries of the real files that MiniGPT-4 never
+uses (listed in `UNUSED`) are skipped, and the skipped names are recorded in
+unike_backbone.json. The RoPE buffers are skipped too (transformers recomputes them from
+the Vicuna config), after checking that they equal what it computes.
 
 Nothing here downloads anything; checkpoints are read with `torch.load(weights_only=True)`.
 """
@@ -43,19 +54,21 @@ EVA_LAYER_NORM_EPS = 1e-6
 QFORMER_HEAD_DIM = 64  # BERT-base: 768 wide, 12 heads
 QFORMER_LAYER_NORM_EPS = 1e-12
 LLM_DTYPE = "float16"  # Vicuna v0 is distributed in fp16; stored as is (lossless)
+# MiniGPT-4 (April 2023) registered LLaMA's inv_freq as a persistent buffer and saves buffers.
+_ROPE_BUFFER = re.compile(r"llama_model\.model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq")
 
-# Checkpoint entries MiniGPT-4 loads but never uses (it sets them to None or lacks them).
+# Entries of the real files that MiniGPT-4 loads (strict=False) but never uses.
 UNUSED: list[tuple[str, str]] = [
-    (r"Qformer\.cls\..+", "Q-Former LM head (MiniGPT-4 sets Qformer.cls = None)"),
-    (r"Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings)\..+",
-     "Q-Former text embeddings (set to None: only the query tokens enter the Q-Former)"),
-    (r"Qformer\.bert\.embeddings\.position_ids", "Q-Former text position ids (buffer)"),
-    (r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\..+",
-     "Q-Former text-branch FFN (set to None: MiniGPT-4 uses intermediate_query/output_query)"),
-    (r"(vision_proj|text_proj|itm_head)\..+", "BLIP-2 stage-1 contrastive / matching heads"),
-    (r"temp", "BLIP-2 stage-1 contrastive temperature"),
-    (r"visual_encoder\.(norm|fc_norm|head)\..+", "EVA classification head (commented out in MiniGPT-4's ViT)"),
+    (r"visual_encoder\.(norm|head)\.(weight|bias)",
+     "EVA-CLIP's final norm and CLIP projection head (commented out in MiniGPT-4's ViT)"),
+    (r"t5_proj\.(weight|bias)", "BLIP-2's projection into FlanT5 (MiniGPT-4 has llama_proj instead)"),
+    (r"Qformer\.bert\.embeddings\.position_ids",
+     "Q-Former text position ids (buffer; only the query tokens enter the Q-Former)"),
+    (_ROPE_BUFFER.pattern, "LLaMA RoPE buffer (transformers recomputes it from the Vicuna config; checked equal)"),
 ]
+# MiniGPT-4 loaded the RoPE buffers from Vicuna's weight files, which FastChat's apply_delta
+# writes in float16, so their values are compared at fp16 resolution.
+ROPE_RTOL = torch.finfo(torch.float16).eps
 
 
 class ConversionError(ValueError):
@@ -82,7 +95,8 @@ class Mapped:
 
 # ------------------------------------------------------------------------ checkpoints
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """A `.pth` state dict, unwrapped from LAVIS' `{"model": ...}` when wrapped."""
+    """A `.pth` state dict, unwrapped from the `{"model": ..., ...}` dict LAVIS' and
+    MiniGPT-4's runners save (its optimizer, config, scaler and epoch are not needed)."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"checkpoint not found: {path}")
@@ -239,6 +253,32 @@ def required_keys(vision_layers: int, qformer_layers: int, cross_frequency: int)
     return keys
 
 
+def check_rope_buffers(merged: dict, text_config, source: str) -> None:
+    """MiniGPT-4's checkpoint holds each LLaMA layer's RoPE `inv_freq`; transformers
+    recomputes them from the config. They must equal what it computes for the Vicuna
+    config, so that the converted model rotates positions as MiniGPT-4 did."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    found = {int(m.group(1)): key for key in merged if (m := _ROPE_BUFFER.fullmatch(key))}
+    if not found:
+        return
+    layers = text_config.num_hidden_layers
+    if sorted(found) != list(range(layers)):
+        raise ConversionError(f"the MiniGPT-4 checkpoint has RoPE buffers for layers {sorted(found)} but {source} "
+                              f"has {layers} layers: a checkpoint of another LLM")
+    expected = LlamaRotaryEmbedding(text_config).inv_freq.float()
+    for key in sorted(found.values()):
+        got = merged[key].float()
+        if got.shape != expected.shape:
+            raise ConversionError(f"{key} has shape {tuple(got.shape)}, not the {tuple(expected.shape)} of "
+                                  f"{source} (head_dim {text_config.head_dim})")
+        rel = ((got - expected).abs() / expected).max().item()
+        if rel > ROPE_RTOL:
+            raise ConversionError(f"{key} differs from the RoPE frequencies of {source} "
+                                  f"({text_config.rope_parameters}) by up to {rel:.3g} (relative): another RoPE "
+                                  "base or scaling")
+
+
 def check_required(merged: dict, vision_layers: int, qformer: dict) -> None:
     required = required_keys(vision_layers, qformer["num_hidden_layers"], qformer["cross_attention_frequency"])
     missing = {k: f for k, f in required.items() if k not in merged}
@@ -293,6 +333,21 @@ def qformer_config(merged: dict, heads: int | None) -> dict:
 
 
 # ------------------------------------------------------------------------ the text side
+def vicuna_config(vicuna: Path):
+    """The Vicuna directory's config.json as transformers parses it (the config the
+    converted model's text side gets)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig
+
+    vicuna = Path(vicuna)
+    if not (vicuna / "config.json").is_file():
+        raise ConversionError(f"{vicuna}: not a Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(vicuna, local_files_only=True)
+    if config.model_type != "llama":
+        raise ConversionError(f"{vicuna}: a {config.model_type!r} model, expected LLaMA (Vicuna)")
+    return config
+
+
 def add_image_token(llm, tokenizer) -> int:
     """Add `<image>` (and a pad token if missing) to the tokenizer; new embedding and
     LM-head rows are the mean of the existing rows. A mean LM-head row scores the mean
@@ -339,16 +394,19 @@ def convert(sources: Sources, out_dir: Path, *, llm_dtype: str = LLM_DTYPE, visi
         raise ConversionError(f"the Q-Former cross-attends to width {qformer['encoder_hidden_size']} but the "
                               f"ViT is {vision['hidden_size']} wide")
     check_required(merged, vision_layers, qformer)
+    vicuna = Path(sources.vicuna)
+    text_config = vicuna_config(vicuna)
+    check_rope_buffers(merged, text_config, f"{vicuna}/config.json")
     mapped = map_vision_side(merged, vision_layers, origin, ignore)
 
-    vicuna = Path(sources.vicuna)
-    if not (vicuna / "config.json").is_file():
-        raise ConversionError(f"{vicuna}: not a Hugging Face model directory (no config.json)")
-    llm = AutoModelForCausalLM.from_pretrained(vicuna, dtype=getattr(torch, llm_dtype), local_files_only=True)
-    if llm.config.model_type != "llama":
-        raise ConversionError(f"{vicuna}: a {llm.config.model_type!r} model, expected LLaMA (Vicuna)")
+    llm = AutoModelForCausalLM.from_pretrained(vicuna, config=text_config, dtype=getattr(torch, llm_dtype),
+                                               local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(vicuna, local_files_only=True)
     image_token_id = add_image_token(llm, tokenizer)
+    # The text config takes the tokenizer's special-token ids, the ones runs use: a Vicuna
+    # merged onto a 2023 LLaMA conversion says bos 0 / eos 1 / pad -1 (as MiniGPT-4's own
+    # Vision-CAIR/vicuna does), and transformers 5 flags -1 as outside the vocabulary.
+    llm.config.update({f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")})
 
     config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=llm.config.to_dict(),
                          num_query_tokens=_shape(merged, "query_tokens")[1], image_token_id=image_token_id)
