@@ -24,7 +24,7 @@ import torch
 from unike.backbones import Backbone, answer_predictions
 from unike.data import EditCase, Sample
 from unike.editing import Editor
-from unike.incontext import BUNDLED, Demonstrations, build_bank
+from unike.incontext import BUNDLED, DEMONSTRATIONS_FLOAT32, Demonstrations, build_bank
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,15 @@ class IKEHparams:
 class IKE(Editor):
     needs_training = True  # the demonstration bank
     Hparams = IKEHparams
+    float32_parts = {"demonstrations": DEMONSTRATIONS_FLOAT32}
 
     @classmethod
     def supports_sequential(cls, hparams) -> bool:
         return False
+
+    @classmethod
+    def local_paths(cls, hparams) -> dict[str, Path]:
+        return {} if hparams.embedder == BUNDLED else {"embedder": Path(hparams.embedder)}
 
     @classmethod
     def prepare_key(cls, hparams) -> tuple:

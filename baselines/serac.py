@@ -46,8 +46,9 @@ Configurations (hparams) for the backbones:
   in its last `cf_layers` layers. On CPU this trains in well under two minutes.
 - EasyEdit's choices for the real backbones are config values: `classifier:
   /path/to/distilbert-base-cased` (a local Hugging Face encoder; its first-token embedding)
-  and, for BLIP-2 OPT, `counterfactual: /path/to/opt-125m` (a local causal LM; the image
-  features go through a new, trained, linear projection) or, for MiniGPT-4,
+  and, for BLIP-2 OPT, `counterfactual: /path/to/opt-125m` (a local causal LM, loaded in the
+  backbone's dtype like the copy; the image features go through a new, trained, linear
+  projection) or, for MiniGPT-4,
   `counterfactual: backbone` with `cf_layers: 1`. A configured path that is missing is an
   error naming it; nothing is downloaded.
 
@@ -243,14 +244,16 @@ class CounterfactualModel(nn.Module):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             path = _local_dir(h.counterfactual, "counterfactual model")
-            self.lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(backbone.device)
+            self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=backbone.dtype,
+                                                           local_files_only=True).to(backbone.device)
             probe = "Question: what is in the image? Short answer: a photo of a dog"
             theirs = AutoTokenizer.from_pretrained(path, local_files_only=True)(probe, add_special_tokens=False)
             ours = backbone.tokenizer(probe, add_special_tokens=False)
             if theirs["input_ids"] != ours["input_ids"]:
                 raise ValueError(f"SERAC counterfactual model {path}: its tokenizer differs from the backbone's; "
                                  "the counterfactual model must share the backbone's token ids")
-            self.projection = nn.Linear(image_dim, self.lm.config.hidden_size).to(backbone.device)
+            self.projection = nn.Linear(image_dim, self.lm.config.hidden_size, device=backbone.device,
+                                        dtype=backbone.dtype)
         self.pad_id = backbone.tokenizer.pad_token_id
         self.image_token_id = backbone.image_token_id
         # What trains: every LM parameter, or the last `cf_layers` decoder layers; plus the projection.
@@ -295,6 +298,19 @@ def _answer_nll(logits: torch.Tensor, batch) -> torch.Tensor:
 class SERAC(Editor):
     needs_training = True
     Hparams = SERACHparams
+    float32_parts = {
+        "scope": "a network of its own, trained from scratch in prepare: float32 weights keep its small Adam "
+                 "updates (as mixed-precision training keeps float32 master weights); it reads the backbone's "
+                 "image features through its own input layer and gives out only in-scope scores",
+        "memory_embeddings": "the scope classifier's embeddings of the memorised edits",
+        "last_scores": "the scope classifier's in-scope scores of the last `predict`",
+    }
+
+    @classmethod
+    def local_paths(cls, hparams) -> dict[str, Path]:
+        named = {"classifier": hparams.classifier if hparams.classifier != "tiny" else None,
+                 "counterfactual": hparams.counterfactual if hparams.counterfactual != "backbone" else None}
+        return {name: Path(value) for name, value in named.items() if value}
 
     @classmethod
     def prepare(cls, backbone: Backbone, hparams: SERACHparams, train_cases: list[EditCase], out_dir: Path,
@@ -333,7 +349,7 @@ class SERAC(Editor):
         super().__init__(backbone, hparams, prepared)
         from safetensors.torch import load_file
 
-        meta = json.loads((Path(prepared) / META).read_text())
+        meta = json.loads((Path(prepared) / META).read_text(encoding="utf-8"))
         wanted = {k: getattr(self.hparams, k) for k in ARCH_FIELDS}
         if meta["arch"] != wanted:
             raise ValueError(f"SERAC: {prepared} was prepared with {meta['arch']}, the hparams ask for {wanted}: "

@@ -50,7 +50,7 @@ import yaml
 from unike.backbones import IMAGE_TOKEN, Backbone, _check_image_token
 from unike.cli import _torch_setup
 from unike.config import edited_layers, merge_overlays, method_entry
-from unike.grid import SPLIT_FILES
+from unike.grid import E_VQA, ONE_STEP, SPLIT_FILES
 from unike.convert_minigpt4 import qformer_config, required_keys, vision_config
 from unike.data import load_cases
 from unike.editing import create_editor, parse_hparams, resolve_editor
@@ -63,8 +63,9 @@ from unike.world import WorldConfig, generate_world, vocabulary
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results" / "gpu_resources.json"
+PUBLISHED = ROOT / "tests" / "fixtures"  # verbatim copies of the published model configs
 CONFIGS = (ROOT / "config.yaml", ROOT / "configs" / "paper.yaml")
-TASK = "e-vqa"
+TASK = E_VQA
 METHODS = ("ft", "ke", "tpatcher", "mend", "ike", "serac", "unike")
 BACKBONES = ("blip2-opt-2.7b", "minigpt4-7b")  # configs/paper.yaml's names
 GIB = 2**30
@@ -101,25 +102,42 @@ class TextSide:
     max_positions: int
 
 
-# EVA ViT-g (MiniGPT-4's 39 blocks) and BLIP-2's BERT-base Q-Former: the vision side of both.
-EVA_VIT_G_QFORMER = VisionSide(width=1408, layers=39, heads=16, ffn=6144, patch=14, image_size=224,
-                               qformer_width=768, qformer_layers=12, qformer_heads=12, qformer_ffn=3072,
-                               cross_attention_every=2, queries=32)
+def published_architectures() -> dict[str, tuple[VisionSide, TextSide]]:
+    """The full-size architectures, read from the published configs in tests/fixtures
+    (tests/fixtures/README.md: where each is from). Both backbones have BLIP-2's vision side
+    (EVA ViT-g's 39 blocks, BERT-base Q-Former, 32 queries), as Salesforce/blip2-opt-2.7b's
+    config.json describes it; MiniGPT-4's text side is Vicuna-7B v0's config.json plus the
+    <image> row the converter adds."""
+    from transformers import AutoConfig, Blip2Config
+
+    blip2 = Blip2Config.from_pretrained(PUBLISHED / "blip2-opt-2.7b", local_files_only=True)
+    v, q, opt = blip2.vision_config, blip2.qformer_config, blip2.text_config
+    vision = VisionSide(width=v.hidden_size, layers=v.num_hidden_layers, heads=v.num_attention_heads,
+                        ffn=v.intermediate_size, patch=v.patch_size, image_size=v.image_size,
+                        qformer_width=q.hidden_size, qformer_layers=q.num_hidden_layers,
+                        qformer_heads=q.num_attention_heads, qformer_ffn=q.intermediate_size,
+                        cross_attention_every=q.cross_attention_frequency, queries=blip2.num_query_tokens)
+    vicuna = AutoConfig.from_pretrained(PUBLISHED / "vicuna-7b-delta-v0", local_files_only=True)
+    return {
+        "blip2-opt-2.7b": (vision, TextSide("opt", opt.hidden_size, opt.num_hidden_layers, opt.num_attention_heads,
+                                            opt.ffn_dim, opt.vocab_size, opt.max_position_embeddings)),
+        "minigpt4-7b": (vision, TextSide("llama", vicuna.hidden_size, vicuna.num_hidden_layers,
+                                         vicuna.num_attention_heads, vicuna.intermediate_size, vicuna.vocab_size + 1,
+                                         vicuna.max_position_embeddings)),
+    }
+
+
 _TINY = TinyArch(text_model="opt")
 TINY_VISION = VisionSide(width=_TINY.vision_hidden, layers=_TINY.vision_layers, heads=4, ffn=4 * _TINY.vision_hidden,
                          patch=_TINY.patch_size, image_size=_TINY.image_size, qformer_width=_TINY.vision_hidden,
                          qformer_layers=_TINY.qformer_layers, qformer_heads=4, qformer_ffn=4 * _TINY.vision_hidden,
                          cross_attention_every=2, queries=_TINY.num_query_tokens)
 ARCHITECTURES = {
-    "full": {
-        # Salesforce/blip2-opt-2.7b's text config (50272 rows: OPT's padded vocabulary).
-        "blip2-opt-2.7b": (EVA_VIT_G_QFORMER, TextSide("opt", 2560, 32, 32, 10240, 50272, 2048)),
-        # Vicuna-7B v0 with the <image> row the converter adds.
-        "minigpt4-7b": (EVA_VIT_G_QFORMER, TextSide("llama", 4096, 32, 32, 11008, 32001, 2048)),
-    },
+    "full": published_architectures(),
     "tiny": {name: (TINY_VISION, TextSide(kind, _TINY.hidden, _TINY.layers, _TINY.heads, _TINY.ffn, None, 256))
              for name, kind in (("blip2-opt-2.7b", "opt"), ("minigpt4-7b", "llama"))},
 }
+NATIVE_IMAGE_SIZE = ARCHITECTURES["full"]["blip2-opt-2.7b"][0].image_size  # both ViTs were pretrained at it
 
 # Random-weight stand-ins for the auxiliary models the paper configuration names by path or
 # package (none is on the GPU machine): (model_type, head, config fields).
@@ -155,6 +173,9 @@ PREPARE_STEP_HPARAMS = {
     "baselines.mend:MEND": ("steps",),
     "baselines.serac:SERAC": ("cls_steps", "cf_steps"),
 }
+# The per-edit step limits of the methods that train until the edit is right: an
+# untrained toy model never gets there, so the CPU test caps them (`--edit-steps`).
+EDIT_STEP_HPARAMS = {"baselines.tpatcher:TPatcher": ("max_steps",), "unike.method.editor:UniKE": ("max_steps",)}
 
 
 class Clock:
@@ -283,10 +304,11 @@ class MethodSetup:
     changed: dict  # hyperparameter -> {"config": ..., "used": ...}
 
 
-def method_setup(name: str, config: dict, backbone: str, prepare_steps: int, stand_in) -> MethodSetup:
+def method_setup(name: str, config: dict, backbone: str, prepare_steps: int, stand_in,
+                 edit_steps: int = 0) -> MethodSetup:
     """The configured method as it runs on `backbone`, with its training loops cut to
-    `prepare_steps` (0: as configured) and its auxiliary models replaced by stand-ins
-    (`stand_in(name) -> Path`)."""
+    `prepare_steps` and its per-edit step limit to `edit_steps` (0: as configured), and its
+    auxiliary models replaced by stand-ins (`stand_in(name) -> Path`)."""
     entry = method_entry(config, name, backbone)
     spec, values = entry["editor"], dict(entry["hparams"])
     cls = resolve_editor(spec)
@@ -294,6 +316,8 @@ def method_setup(name: str, config: dict, backbone: str, prepare_steps: int, sta
     used, shown = {}, {}
     if prepare_steps:
         used.update({field: prepare_steps for field in PREPARE_STEP_HPARAMS.get(spec, ())})
+    if edit_steps:
+        used.update({field: min(edit_steps, configured[field]) for field in EDIT_STEP_HPARAMS.get(spec, ())})
     for (editor, field), (aux, builtin) in AUXILIARY_HPARAMS.items():
         if editor == spec and configured[field] not in builtin:
             used[field], shown[field] = str(stand_in(aux)), f"stand-in:{aux}"
@@ -362,7 +386,7 @@ def measure_method(setup: MethodSetup, backbone: Backbone, cases: Cases, pre_edi
         editor = create_editor(setup.entry, backbone, prepared, knowledge if setup.cls.needs_knowledge else None)
         record["create_s"] = clock.now() - t0
         stage = "edit"
-        sequences = make_sequences({TASK: cases.eval}, "one-step", seed)
+        sequences = make_sequences({TASK: cases.eval}, ONE_STEP.name, seed)
         with counting_passes(backbone) as passes:
             t0 = clock.now()
             (warmup,) = run_sequences(editor, sequences[:1], pre_edit)
@@ -384,9 +408,8 @@ def measure_method(setup: MethodSetup, backbone: Backbone, cases: Cases, pre_edi
             # plain backbone; a second failure here changes nothing about what is recorded.
             with contextlib.suppress(Exception):
                 editor.restore()
-            if hasattr(editor, "close"):
-                with contextlib.suppress(Exception):
-                    editor.close()
+            with contextlib.suppress(Exception):
+                editor.close()
         del editor
         clock.reset_peak()
     return record
@@ -396,13 +419,13 @@ def measure_method(setup: MethodSetup, backbone: Backbone, cases: Cases, pre_edi
 def measure_backbone(name: str, record: dict, args, config: dict, cases: Cases, tokenizer, stand_in,
                      work: Path, clock: Clock, write, t_start: float) -> None:
     """Fills `record` as it goes, so that a failure keeps what was measured."""
-    setups = [method_setup(method, config, name, args.prepare_steps, stand_in) for method in args.methods]
+    setups = [method_setup(method, config, name, args.prepare_steps, stand_in, args.edit_steps)
+              for method in args.methods]
     entry = config["backbones"][name]
     vision, text = ARCHITECTURES[args.scale][name]
     # The paper config's image size (364: EasyEdit's, interpolated from the native 224),
     # scaled with the vision tower's native size at tiny scale.
-    image_size = round(entry.get("image_size", EVA_VIT_G_QFORMER.image_size) * vision.image_size
-                       / EVA_VIT_G_QFORMER.image_size)
+    image_size = round(entry.get("image_size", NATIVE_IMAGE_SIZE) * vision.image_size / NATIVE_IMAGE_SIZE)
     record.update({"prompt_style": entry["prompt_style"], "image_size": image_size,
                    "architecture": {"vision": dataclasses.asdict(vision),
                                     "text": {**dataclasses.asdict(text), "vocab": text.vocab or len(tokenizer)}},
@@ -469,10 +492,14 @@ def parse_args(argv=None):
     parser.add_argument("--scale", choices=("full", "tiny"), default="full")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"),
-                        help="default: bfloat16 on a GPU (the paper config's), float32 on the CPU")
+                        help="default: bfloat16 on a GPU (the paper config's), float32 on the CPU; bfloat16 on the "
+                             "CPU runs the GPU's half-precision path (tests/test_gpu_resources.py does)")
     parser.add_argument("--cases", type=int, default=10, help="timed one-step edits per method (after one warm-up)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help="method names of the paper config")
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
+    parser.add_argument("--edit-steps", type=int, default=0,
+                        help="cap on the per-edit step limit of T-Patcher and UniKE (0: as configured; "
+                             "the CPU test's untrained toy models never get an edit right)")
     parser.add_argument("--prepare-steps", type=int, default=20,
                         help="steps of the training loops in prepare (KE, MEND, SERAC) and of UniKE's encoders "
                              "(0: as configured, e.g. MEND's 20000)")
@@ -492,7 +519,7 @@ def parse_args(argv=None):
 def load_paper_config() -> dict:
     # Snakemake's --configfile merge. Not schema-validated here: the GPU machine has no
     # jsonschema, and each method's hyperparameters are still checked by `parse_hparams`.
-    return merge_overlays(*(yaml.safe_load(p.read_text()) for p in CONFIGS))
+    return merge_overlays(*(yaml.safe_load(p.read_text(encoding="utf-8")) for p in CONFIGS))
 
 
 def main(argv=None) -> None:
@@ -512,6 +539,7 @@ def main(argv=None) -> None:
         "dtype": str(args.dtype).removeprefix("torch."), "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
         "complete": False, "config": [str(p.relative_to(ROOT)) for p in CONFIGS], "task": TASK,
         "cases": args.cases, "warmup_cases": 1, "train_cases": args.train_cases, "prepare_steps": args.prepare_steps,
+        "edit_steps": args.edit_steps,
         "notes": {
             "weights": "random: speed and memory do not depend on them, except for methods that stop once the edit "
                        "is right (UniKE, T-Patcher): top_layer_passes_per_case shows how many steps ran",

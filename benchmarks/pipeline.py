@@ -67,7 +67,7 @@ def main() -> None:
             raise SystemExit(f"snakemake failed with exit code {rc}")
         backbones = {}
         for training in sorted(Path(workdir).glob("results*/backbones/*/training.json")):
-            report = json.loads(training.read_text())
+            report = json.loads(training.read_text(encoding="utf-8"))
             backbones[training.parent.name] = {**{k: report["heldout"][k] for k in ("token_acc", "exact_match", "by_topic")},
                                                "image_feature_spread": report["image_feature_spread"],
                                                "train_s": report["train_s"]}

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 def collect(out_dir: Path) -> list[dict]:
     rows = []
     for path in sorted(Path(out_dir).glob("editors/*/*/*/prepared.json")):
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
         summary = record.get("summary", {})
         # steps / train_s / n_parameters: only the hypernetworks (KE, MEND) have a training loop.
         rows.append({"method": record["method"], "backbone": record["backbone"], "task": record["task"],

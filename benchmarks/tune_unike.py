@@ -32,7 +32,7 @@ from safetensors import safe_open
 
 from unike.backbones import load_backbone
 from unike.config import load_config
-from unike.grid import SPLIT_FILES, Layout
+from unike.grid import ONE_STEP, SPLIT_FILES, TASKS, Layout
 from unike.data import edit_sample, load_cases
 from unike.editing import create_editor
 from unike.harness import make_sequences, pre_edit_predictions, pre_edit_tensors, run_sequences
@@ -82,13 +82,13 @@ def validation_setup(config: dict, layout: Layout, name: str, hparams: UniKEHpar
     enc_cfg = EncoderConfig(**{"seed": config["seed"], **config.get("knowledge", {}).get("encoders", {})})
     backbone = load_backbone(name, layout.backbone_dir(name))
     fit, validation = {}, {}
-    for task in ("e-vqa", "e-ic"):
+    for task in TASKS:
         cases = load_cases(layout.annotations(name) / SPLIT_FILES[(task, "train")], task, layout.image_root)
         fit[task], validation[task] = split_train(cases, config["seed"])
     knowledge, prepared = root / name / "knowledge", root / name / "prepared"
-    removed = knowledge_without(layout.knowledge(name), knowledge, validation["e-vqa"] + validation["e-ic"], enc_cfg)
+    removed = knowledge_without(layout.knowledge(name), knowledge, [c for t in TASKS for c in validation[t]], enc_cfg)
     prepared.mkdir()
-    UniKE.prepare(backbone, hparams, fit["e-vqa"] + fit["e-ic"], prepared, config["seed"], knowledge=knowledge)
+    UniKE.prepare(backbone, hparams, [c for t in TASKS for c in fit[t]], prepared, config["seed"], knowledge=knowledge)
     return {"backbone": backbone, "validation": validation, "knowledge": knowledge, "prepared": prepared,
             "triplets_removed": removed}
 
@@ -130,12 +130,11 @@ def main() -> None:
             """Scores per backbone and their mean: one setting serves both, as one config entry does."""
             per_backbone = {}
             for name, st in setups.items():
-                torch.manual_seed(config["seed"])  # W_zeta starts random per edit: every trial draws the same
                 editor = create_editor({"editor": base["editor"], "hparams": values}, st["backbone"], st["prepared"],
                                        st["knowledge"])
                 rows = []
                 for task, cases in st["validation"].items():
-                    rows += run_sequences(editor, make_sequences({task: cases}, "one-step", config["seed"]),
+                    rows += run_sequences(editor, make_sequences({task: cases}, ONE_STEP.name, config["seed"]),
                                           st["pre_edit"][task], progress_every=10**9)
                 editor.close()
                 per_backbone[name] = score(rows)

@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from tune_unike import validation_command, validation_setup  # this script's folder is on sys.path
 from unike.config import method_entry
 from unike.data import ROWS, case_samples
@@ -62,7 +60,6 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             st = validation_setup(config, layout, name, hp, Path(tmp))
             validation = st["validation"]
-            torch.manual_seed(config["seed"])  # W_zeta starts random per edit, as in an edit_eval job
             editor = create_editor(entry, st["backbone"], st["prepared"], st["knowledge"])
             alphas = {l: {phase: {r: [] for r in ROWS} for phase in ("before_edit", "after_edit")}
                       for l in editor.layers}

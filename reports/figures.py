@@ -21,8 +21,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from reports.paper import REFERENCE_ROW, paper_figure4c
-from reports.results import ONE_STEP_TASKS, SCORES, Results
+from reports.results import SCORES, Results
 from reports.stats import Estimate, estimate
+from unike.grid import ONE_STEP, TASKS
 from reports.tables import ABLATION_LABELS, ABLATIONS, method_label, method_sort_key
 
 GEN_COLOR, LOC_COLOR = "#1f77b4", "#d62728"
@@ -96,7 +97,7 @@ def renamed_methods(section: Mapping[str, Any], method_map: Mapping[str, str]) -
 
 
 def _point(results: Results, backbone: str, task: str, method: str, x: float) -> Point | None:
-    sample = results.get(backbone, method, task, "one-step")
+    sample = results.get(backbone, method, task, ONE_STEP.name)
     if sample is None:
         return None
     return Point(x, method, estimate([sample], SCORES["generality"]), estimate([sample], SCORES["locality"]))
@@ -153,10 +154,10 @@ def tradeoff(results: Results, exclude: Collection[str]) -> dict[str, tuple[Trad
     weighted equally, as in Table 5); no-edit and ``exclude`` (Figure 4 sweeps) left out."""
     out: dict[str, tuple[TradeoffPoint, ...]] = {}
     for backbone in results.backbones():
-        methods = {m for (b, m, t, r) in results.cells if b == backbone and t in ONE_STEP_TASKS and r == "one-step"}
+        methods = {m for (b, m, t, r) in results.cells if b == backbone and t in TASKS and r == ONE_STEP.name}
         points = []
         for method in sorted(methods - set(exclude) - {REFERENCE_ROW}, key=method_sort_key):
-            samples = [s for t in ONE_STEP_TASKS if (s := results.get(backbone, method, t, "one-step"))]
+            samples = [s for t in TASKS if (s := results.get(backbone, method, t, ONE_STEP.name))]
             label = ABLATION_LABELS[method] if method in ABLATIONS else method_label(method)
             points.append(TradeoffPoint(method, label, estimate(samples, SCORES["generality"]),
                                         estimate(samples, SCORES["locality"])))

@@ -12,6 +12,7 @@ import duckdb
 import numpy as np
 
 from reports.stats import Sample
+from unike.grid import ONE_STEP
 
 METRICS: tuple[str, ...] = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 # Weights over METRICS of the paper's summary scores (Table 5, Figure 4): generality is
@@ -21,8 +22,6 @@ SCORES: dict[str, np.ndarray] = {
     "generality": np.array([0.0, 0.5, 0.5, 0.0, 0.0]),
     "locality": np.array([0.0, 0.0, 0.0, 0.5, 0.5]),
 }
-ONE_STEP_TASKS: tuple[str, ...] = ("e-vqa", "e-ic")
-SEQUENTIAL_REGIMES: tuple[str, ...] = ("seq-10", "seq-20")
 
 # (backbone, method, runs.task, regime). A cross-task cell holds the rows of both
 # case tasks (the paper reports one mixed score set for cross-task editing).
@@ -31,7 +30,7 @@ CellKey = tuple[str, str, str, str]
 # One-step units are cases; other regimes resample whole sequences (see reports.stats).
 _ROWS_SQL = f"""
 SELECT r.backbone, r.method, r.task AS run_task, r.regime,
-       CASE WHEN r.regime = 'one-step' THEN r.run_id || '/case/' || m.case_id
+       CASE WHEN r.regime = '{ONE_STEP.name}' THEN r.run_id || '/case/' || m.case_id
             ELSE r.run_id || '/seq/' || CAST(m.sequence_id AS VARCHAR) END AS unit,
        {", ".join(f"100 * m.{c} AS {c}" for c in METRICS)}
 FROM edit_metrics AS m JOIN runs AS r USING (run_id)

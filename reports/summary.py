@@ -17,9 +17,10 @@ from typing import Collection
 import numpy as np
 
 from reports.paper import REFERENCE_ROW, paper_table5, paper_tables
-from reports.results import METRICS, ONE_STEP_TASKS, SCORES, SEQUENTIAL_REGIMES, Results
+from reports.results import METRICS, SCORES, Results
 from reports.stats import Estimate, estimate
 from reports.tables import ABLATIONS, PAPER_METHOD_ORDER, method_label, method_sort_key
+from unike.grid import ONE_STEP, SEQUENTIAL_REGIMES, TASKS
 
 
 
@@ -31,7 +32,7 @@ class Setting:
 
 
 SETTINGS: dict[str, Setting] = {
-    "one-step": Setting("One-step editing", 1, ("one-step",)),
+    "one-step": Setting("One-step editing", 1, (ONE_STEP.name,)),  # keys: the paper CSV's settings
     "sequential": Setting("Sequential editing", 2, SEQUENTIAL_REGIMES),
 }
 SCORE_LABELS = {"reliability": "Reliability", "generality": "Generality", "locality": "Locality"}
@@ -103,7 +104,7 @@ def _recomputed(table: int, method: str, weights: np.ndarray) -> float | None:
 def table5(results: Results, exclude: Collection[str] = ABLATIONS) -> Table5:
     """Rows: the paper's Table 5 methods, then any other method of ours (not ``exclude``)."""
     regimes = {r for s in SETTINGS.values() for r in s.regimes}
-    ours_methods = {m for (_, m, t, r) in results.cells if t in ONE_STEP_TASKS and r in regimes}
+    ours_methods = {m for (_, m, t, r) in results.cells if t in TASKS and r in regimes}
     methods = ({m for _, m in paper_table5()} | ours_methods) - set(exclude) - {REFERENCE_ROW}
     rows = []
     for method in sorted(methods, key=lambda m: method_sort_key(m, PAPER_METHOD_ORDER)):
@@ -111,7 +112,7 @@ def table5(results: Results, exclude: Collection[str] = ABLATIONS) -> Table5:
         k: dict[str, int] = {}
         for setting, spec in SETTINGS.items():
             samples = [s for (_, m, t, r), s in sorted(results.cells.items())
-                       if m == method and t in ONE_STEP_TASKS and r in spec.regimes]
+                       if m == method and t in TASKS and r in spec.regimes]
             printed = paper_table5().get((setting, method), {})
             cells[setting] = tuple(SummaryCell(estimate(samples, w), printed.get(score),
                                                _recomputed(spec.paper_table, method, w))

@@ -12,15 +12,15 @@ from typing import Collection
 import numpy as np
 
 from reports.paper import paper_tables
-from reports.results import METRICS, SEQUENTIAL_REGIMES, Results
+from reports.results import METRICS, Results
 from reports.stats import Estimate, estimate
+from unike.grid import CROSS_10, CROSS_TASK, E_IC, E_VQA, ONE_STEP, REGIMES, SEQUENTIAL_REGIMES, TASKS
 
 METRIC_LABELS: dict[str, str] = {
     "rel": "Rel.", "t_gen": "T-Gen.", "m_gen": "M-Gen.", "t_loc": "T-Loc.", "m_loc": "M-Loc.",
 }
-TASK_LABELS: dict[str, str] = {"e-vqa": "E-VQA", "e-ic": "E-IC", "cross-task": "E-VQA + E-IC"}
-REGIME_LABELS: dict[str, str] = {"one-step": "one-step", "seq-10": "10-step", "seq-20": "20-step",
-                                 "cross-10": "10-step"}
+TASK_LABELS: dict[str, str] = {E_VQA: "E-VQA", E_IC: "E-IC", CROSS_TASK: "E-VQA + E-IC"}
+REGIME_LABELS: dict[str, str] = {r.name: f"{r.length}-step" if r.length > 1 else "one-step" for r in REGIMES.values()}
 
 # Row order and names as printed in the paper's Table 1.
 PAPER_METHOD_ORDER: tuple[str, ...] = ("backbone", "ft", "ke", "tpatcher", "mend", "ike", "serac", "unike")
@@ -194,7 +194,7 @@ def _metric_table(results: Results, backbone_map: dict[str, str], spec: _Spec, i
     return MetricTable(spec.number, spec.title, spec.caption, spec.blocks, tuple(groups))
 
 
-_TASK_BLOCKS = tuple(Block(t, TASK_LABELS[t], t, "one-step") for t in ("e-vqa", "e-ic"))
+_TASK_BLOCKS = tuple(Block(t, TASK_LABELS[t], t, ONE_STEP.name) for t in TASKS)
 _ELSEWHERE = "Table 4's ablation variants and Figure 4's sweeps are not repeated here."
 
 
@@ -208,14 +208,15 @@ def table1(results: Results, backbone_map: dict[str, str], exclude: Collection[s
 def table2(results: Results, backbone_map: dict[str, str], exclude: Collection[str] = ABLATIONS) -> MetricTable:
     """Table 2: sequential editing (K = 10, 20) on E-VQA and E-IC (paper: MiniGPT-4 only)."""
     blocks = tuple(Block(f"{t}/{r}", f"{TASK_LABELS[t]}, {REGIME_LABELS[r]}", t, r)
-                   for t in ("e-vqa", "e-ic") for r in SEQUENTIAL_REGIMES)
+                   for t in TASKS for r in SEQUENTIAL_REGIMES)
     spec = _Spec(2, "sequential editing", f"{CI_NOTE} {_ELSEWHERE}", blocks, SEQUENTIAL_METHOD_ORDER, {})
     return _metric_table(results, backbone_map, spec, None, exclude)
 
 
 def table3(results: Results, backbone_map: dict[str, str], exclude: Collection[str] = ABLATIONS) -> MetricTable:
     """Table 3: cross-task editing (K = 10, E-VQA and E-IC cases mixed in one sequence)."""
-    blocks = (Block("cross-task", "E-VQA + E-IC, 10-step", "cross-task", "cross-10"),)
+    blocks = (Block(CROSS_TASK, f"{TASK_LABELS[CROSS_TASK]}, {REGIME_LABELS[CROSS_10.name]}", CROSS_TASK,
+                    CROSS_10.name),)
     caption = (f"{CI_NOTE} One score set over all E-VQA and E-IC cases of the cross-task runs, as in the paper. "
                f"{_ELSEWHERE}")
     spec = _Spec(3, "cross-task editing", caption, blocks, SEQUENTIAL_METHOD_ORDER, {})

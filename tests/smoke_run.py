@@ -116,13 +116,12 @@ def expected_rows(workdir: Path, backbone: str, task: str, regime: str) -> int:
     import contextlib
 
     from unike.cli import _eval_cases
-    from unike.grid import Layout
+    from unike.grid import Layout, case_tasks
     from unike.harness import make_sequences
 
     config = effective_config(workdir)
     with contextlib.chdir(workdir):
-        tasks = ("e-vqa", "e-ic") if task == "cross-task" else (task,)
-        cases = {t: _eval_cases(config, Layout(config), backbone, t) for t in tasks}
+        cases = {t: _eval_cases(config, Layout(config), backbone, t) for t in case_tasks(task)}
         return sum(len(s) for s in make_sequences(cases, regime, config["seed"]))
 
 

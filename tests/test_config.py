@@ -78,3 +78,31 @@ def test_backbone_hparams_merge_over_hparams_for_that_backbone_only(config):
     # the copy shares tpatcher's prepared folder only where their hyperparameters agree
     assert prepare_owners(methods_for(loaded, "tiny-blip2-opt"))["tpatcher-copy"] == "tpatcher"
     assert prepare_owners(methods_for(loaded, "tiny-minigpt4"))["tpatcher-copy"] == "tpatcher-copy"
+
+
+def test_a_method_extends_its_base_across_config_files(config):
+    """`base:` entries take their base's editor and hyperparameters after the overlays are
+    merged, so an overlay's change to the base reaches every entry built on it."""
+    from unike.config import merge_overlays, method_entry
+
+    config["methods"]["k8"] = {"base": "ft", "hparams": {"steps": 8}}
+    config["methods"]["k8-fast"] = {"base": "k8", "hparams": {"lr": 0.5}, "backbone_hparams": {"tiny-minigpt4": {}}}
+    overlay = {"methods": {"ft": {"hparams": {"optimizer": "sgd"}, "backbone_hparams": {"tiny-minigpt4": {"lr": 2.0}}}}}
+    loaded = load_config(merge_overlays(config, overlay))
+    assert method_entry(loaded, "k8-fast", "tiny-blip2-opt") == {
+        "editor": "baselines.ft:FineTune", "hparams": {**loaded["methods"]["ft"]["hparams"], "steps": 8, "lr": 0.5}}
+    assert loaded["methods"]["ft"]["hparams"]["optimizer"] == "sgd"
+    assert method_entry(loaded, "k8-fast", "tiny-minigpt4")["hparams"]["lr"] == 2.0  # the base's per-backbone value
+    assert "paper_name" not in loaded["methods"]["k8"] and "base" not in loaded["methods"]["k8"]
+    assert load_config(copy.deepcopy(loaded))["methods"] == loaded["methods"]  # resolving again changes nothing
+
+
+@pytest.mark.parametrize("methods, message", [
+    ({"a": {"base": "b"}, "b": {"base": "a"}}, r"methods\.b\.base: a cycle of bases: a -> b -> a"),
+    ({"a": {"base": "rome"}}, r"methods\.a\.base: unknown method 'rome'"),
+    ({"a": {"base": "ft", "editor": "baselines.ke:KnowledgeEditor"}}, r"methods\.a: editor .* differs from its base"),
+])
+def test_bad_bases_are_named(config, methods, message):
+    config["methods"].update(methods)
+    with pytest.raises(ConfigError, match=message):
+        load_config(config)

@@ -54,7 +54,8 @@ def write_synthetic_run(out: Path, run_id: str, method: str, backbone: str, task
     prov = {
         "run_id": run_id, "method": method, "backbone": backbone, "task": task, "regime": regime,
         "seed": 0, "n_edits": len(rows), "config_hash": "cfg", "code_version": "v1", "metric_version": "1",
-        "device": "cpu", "wall_s": 1.0, "edit_s_mean": 0.01, "peak_mem_mb": 10.0,
+        "device": "cpu", "dtype": "float32", "dtype_requested": "float32", "wall_s": 1.0, "edit_s_mean": 0.01,
+        "peak_mem_mb": 10.0,
     }
     full = [{"run_id": run_id, "rel_em": r["rel"], "t_gen_em": r["t_gen"], "m_gen_em": r["m_gen"], "edit_s": 0.01, **r}
             for r in rows]

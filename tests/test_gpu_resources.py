@@ -1,5 +1,6 @@
-"""benchmarks/gpu_resources.py: the full-size architectures are the paper's, and the whole
-measurement runs at tiny scale on the CPU (every method, both backbones)."""
+"""benchmarks/gpu_resources.py: the full-size architectures are the published ones (and the
+paper's sizes), and the whole measurement runs at tiny scale on the CPU (every method, both
+backbones)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ PREPARE_STEPS = 3
 def tiny_run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("gpu_resources") / "gpu_resources.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_resources.py"), "--scale", "tiny", "--device", "cpu",
-           "--cases", "2", "--prepare-steps", str(PREPARE_STEPS), "--train-cases", "40", "--triplets", "16",
-           "--threads", "1", "--out", str(out)]
+           "--cases", "2", "--prepare-steps", str(PREPARE_STEPS), "--edit-steps", "20", "--train-cases", "20", "--triplets", "16",
+           "--threads", "1", "--dtype", "bfloat16", "--out", str(out)]  # the GPU's dtype, run on the CPU
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    # bf16 on the CPU takes about twice float32's ~100 s; the limit only stops a hung run.
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -49,9 +51,32 @@ def test_full_size_architectures_have_the_paper_parameter_counts():
         assert 0.98e9 < c["vision"] < 0.99e9 and 0.10e9 < c["qformer"] < 0.11e9
 
 
+def test_full_size_architectures_are_the_published_configs():
+    """What the script builds (through the converter's config functions and the tiny models'
+    text-config builder) has every tensor shape and parameter of the models the published
+    config.json files describe: Salesforce/blip2-opt-2.7b, and MiniGPT-4 = its vision side +
+    Vicuna-7B v0 with the converter's <image> row."""
+    from transformers import AutoConfig, Blip2Config
+
+    fixtures = REPO / "tests" / "fixtures"
+    blip2 = Blip2Config.from_pretrained(fixtures / "blip2-opt-2.7b")
+    vicuna = AutoConfig.from_pretrained(fixtures / "vicuna-7b-delta-v0")
+    vicuna.vocab_size += 1
+    minigpt4 = Blip2Config(vision_config=blip2.vision_config.to_dict(), qformer_config=blip2.qformer_config.to_dict(),
+                           text_config=vicuna.to_dict(), num_query_tokens=blip2.num_query_tokens)
+    tokenizer = gpu_resources.build_tokenizer(["plix"])
+    for name, published in (("blip2-opt-2.7b", blip2), ("minigpt4-7b", minigpt4)):
+        vision, text = gpu_resources.ARCHITECTURES["full"][name]
+        built = gpu_resources.build_model(gpu_resources.blip2_config(vision, text, tokenizer), "meta", torch.bfloat16)
+        ref = gpu_resources.build_model(published, "meta", torch.bfloat16)
+        assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+        assert gpu_resources.parameter_counts(built) == gpu_resources.parameter_counts(ref), name
+
+
 def test_tiny_run_measures_every_method_on_both_backbones(tiny_run):
     config = gpu_resources.load_paper_config()
     assert tiny_run["complete"] and tiny_run["scale"] == "tiny" and tiny_run["prepare_steps"] == PREPARE_STEPS
+    assert tiny_run["dtype"] == "bfloat16"
     assert set(tiny_run["backbones"]) == set(gpu_resources.BACKBONES)
     for name, backbone in tiny_run["backbones"].items():
         assert "error" not in backbone, backbone.get("error")

@@ -35,7 +35,8 @@ def _row(run_id: str, i: int, task: str, rel: float, seq: int | None = None, gen
 
 
 def _run(tmp: Path, run_id: str, method: str, task: str, rows: list[dict] | list[float], regime: str = "one-step",
-         device: str = "cpu", backbone: str = "tiny-blip2-opt") -> tuple[Path, Path]:
+         device: str = "cpu", backbone: str = "tiny-blip2-opt", dtype_requested: str = "float32"
+         ) -> tuple[Path, Path]:
     """A run file pair; ``rows`` are per-edit rows, or just their rel values (one-step)."""
     if rows and not isinstance(rows[0], dict):
         rows = [_row(run_id, i, task, r) for i, r in enumerate(rows)]
@@ -43,7 +44,8 @@ def _run(tmp: Path, run_id: str, method: str, task: str, rows: list[dict] | list
     prov = {
         "run_id": run_id, "method": method, "backbone": backbone, "task": task, "regime": regime,
         "seed": 0, "n_edits": len(rows), "config_hash": "cfg" + run_id, "code_version": "v1",
-        "metric_version": "1", "device": device, "wall_s": 3.0, "edit_s_mean": 0.01, "peak_mem_mb": 100.0,
+        "metric_version": "1", "device": device, "dtype": "float32", "dtype_requested": dtype_requested,
+        "wall_s": 3.0, "edit_s_mean": 0.01, "peak_mem_mb": 100.0,
     }
     files = tmp / f"{run_id}.parquet", tmp / f"{run_id}.json"
     write_run(*files, rows, prov)
@@ -67,7 +69,8 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _run(tmp, "ft-vqa", "ft", "e-vqa", [1.0, 0.5]),
         # A sequential run must not leak into Table 1 (it would pull the mean to 50.0).
         _run(tmp, "ft-vqa-seq", "ft", "e-vqa", [0.0, 0.0], regime="seq-10"),
-        _run(tmp, "new-vqa", "newbaseline", "e-vqa", [0.25, 0.25, 0.25], device="<gpu & co>"),
+        _run(tmp, "new-vqa", "newbaseline", "e-vqa", [0.25, 0.25, 0.25], device="<gpu & co>",
+             dtype_requested="bfloat16"),  # ran in float32: the CPU's fallback
         # Table 2: two sequences of whole-sequence scores 100 and 0 -> 50; two seeds pool.
         _run(tmp, "mend-seq10-s0", "mend", "e-ic", _seq_rows("e-ic", [[1.0, 1.0], [0.0, 0.0]]), "seq-10", backbone=mg),
         _run(tmp, "mend-seq10-s1", "mend", "e-ic", _seq_rows("e-ic", [[0.5, 0.5]]), "seq-10", backbone=mg),
@@ -242,6 +245,8 @@ def test_rendered_files(out: Path) -> None:
     assert "NeurIPS 2024" in index and "per-edit rows" in index
     assert "<td>ft-vqa-seq</td><td>ft</td>" in index and "<td>cfgft-vqa</td>" in index
     assert "&lt;gpu &amp; co&gt;" in index and "<gpu" not in index
+    assert "<th>dtype</th><th>dtype_requested</th>" in index
+    assert "<td>&lt;gpu &amp; co&gt;</td><td>float32</td><td>bfloat16</td>" in index
 
 
 def test_render_is_deterministic_and_read_only(db: Path, out: Path, tmp_path: Path) -> None:
@@ -274,7 +279,9 @@ def test_reports_do_not_import_model_code() -> None:
     code = (
         "import sys, reports.render, reports.tables, reports.figures, reports.summary\n"
         "import matplotlib\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'unike'))\n"
+        # unike.grid, the grid's vocabulary, is the one module of the unike package they read
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'unike')\n"
+        "             and m not in ('unike', 'unike.grid'))\n"
         "assert not bad, bad\n"
         "assert 'matplotlib.pyplot' not in sys.modules  # the Agg canvas only, no GUI backend\n"
     )
@@ -300,3 +307,19 @@ def test_cli_passes_the_report_section_and_spaces(tmp_path: Path, monkeypatch: p
     assert backbone_map == BACKBONE_MAP and method_map == METHOD_MAP
     assert figure4 == {"backbone": "tiny-minigpt4", "task": "e-vqa", "b": {"adaptive": "unike"}}
     assert given == {"tiny-minigpt4": Path(spaces)} and report == tmp_path / "out/report"
+
+
+def test_paper_rows_are_matched_by_paper_name_only(results: Results) -> None:
+    """A renamed method keeps its comparison with the paper through `paper_name`; a method
+    without one that is named like a paper row is refused instead of silently matched."""
+    from reports.paper import paper_method_ids
+    from reports.tables import table1
+
+    renamed = Results({(b, "my-ft" if m == "ft" else m, t, r): s for (b, m, t, r), s in results.cells.items()})
+    mapping = {**{m: m for m in METHOD_MAP if m != "ft"}, "my-ft": "ft"}
+    ours = table1(renamed.with_paper_names(mapping, paper_method_ids()), BACKBONE_MAP)
+    reference = table1(results.with_paper_names(METHOD_MAP, paper_method_ids()), BACKBONE_MAP)
+    assert ours == reference and any(row.method == "ft" for group in ours.groups for row in group.rows)
+    clash = r"\['mend', 'unike', 'unike-only-intrin'\] have no paper_name but are named like the paper"
+    with pytest.raises(ValueError, match=clash):
+        renamed.with_paper_names({"my-ft": "ft"}, paper_method_ids())

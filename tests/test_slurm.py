@@ -51,8 +51,8 @@ def test_setup_makes_every_step_offline(monkeypatch, tmp_path):
 
 
 def test_profile_slurm_resolves_from_the_repo_root(tmp_path):
-    """`snakemake --profile slurm` from the repo root uses workflow/profiles/slurm, and the
-    memory it asks for on the first attempt is each rule's own; retries double it."""
+    """`snakemake --profile slurm` from the repo root uses workflow/profiles/slurm, and every
+    job asks for the memory its rule declares: the profile holds no per-rule resources."""
     plain = _dry_run([], tmp_path / "plain")
     assert plain.returncode == 0, plain.stderr[-3000:]
     with_profile = _dry_run(["--profile", "slurm"], tmp_path / "slurm")
@@ -63,14 +63,87 @@ def test_profile_slurm_resolves_from_the_repo_root(tmp_path):
     rules = _rule_resources(plain.stdout + plain.stderr)
     profiled = _rule_resources(with_profile.stdout + with_profile.stderr)
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
-    assert profile["executor"] == "slurm"
-    for rule, res in profile["set-resources"].items():
-        expr = res["mem_mb"]
-        if rule in rules:  # rules the smoke DAG schedules
-            assert int(rules[rule]["mem_mb"]) == eval(expr, {"attempt": 1}) == int(profiled[rule]["mem_mb"]), rule
-        assert eval(expr, {"attempt": 2}) == 2 * eval(expr, {"attempt": 1})
+    assert profile["executor"] == "slurm" and "set-resources" not in profile
     remote = {r for r in rules if r not in ("aggregate", "report", "all")}
-    assert remote <= set(profile["set-resources"]), "a rule submitted to Slurm lacks its retry memory"
+    assert remote and all(int(profiled[r]["mem_mb"]) == int(rules[r]["mem_mb"]) > 2000 for r in remote if
+                          r != "make_world")
+
+
+def test_tiny_world_requests_stay_as_small_as_before(tmp_path):
+    """The tiny backbones' jobs ask for what they asked before real backbones were sized
+    (issue 17's list), and no GPU memory on the CPU."""
+    dry = _dry_run(["--profile", "slurm"], tmp_path)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    before = {"make_world": (1000, 10), "pretrain_backbone": (4000, 60), "mine_edits": (3000, 30),
+              "cache_pre_edit": (3000, 30), "prepare_editor": (6000, 240), "edit_eval": (4000, 120),
+              "collect_triplets": (4000, 120), "extract_hidden_states": (8000, 60), "pretrain_encoders": (4000, 60),
+              "embed_spaces": (4000, 30)}
+    jobs = [(rule, res) for rule, res in _job_resources(dry.stdout + dry.stderr)
+            if rule not in ("aggregate", "report", "all")]  # run on the submit host
+    assert {rule for rule, _ in jobs} == set(before)
+    for rule, res in jobs:
+        assert (int(res["mem_mb"]), int(res["runtime"])) == before[rule], (rule, res)
+        assert "gpu_mem_gb" not in res and "constraint" not in res
+
+
+def _paper_dry_run(workdir: Path, *args: str, overlay: dict | None = None) -> list[tuple[str, dict[str, str]]]:
+    configs = [str(REPO / "configs" / "paper.yaml")]
+    if overlay:
+        workdir.mkdir(parents=True)
+        (workdir / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+        configs.append(str(workdir / "overlay.yaml"))
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--profile", "slurm", "--directory", str(workdir),
+           "--configfile", *configs, *args]
+    dry = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert dry.returncode == 0, (dry.stdout + dry.stderr)[-3000:]
+    return _job_resources(dry.stdout + dry.stderr)
+
+
+def _job_resources(output: str) -> list[tuple[str, dict[str, str]]]:
+    """[(rule, {resource: value, wildcard: value})] of every job of a dry run."""
+    jobs = []
+    for block in re.split(r"\n(?=rule \w+:\n)", output):
+        head = re.match(r"rule (\w+):\n", block)
+        res = re.search(r"^\s+resources: (.*)$", block, flags=re.M)
+        if not head or not res:
+            continue
+        values = dict(kv.split("=", 1) for kv in res.group(1).split(", "))
+        wildcards = re.search(r"^\s+wildcards: (.*)$", block, flags=re.M)
+        if wildcards:
+            values.update(kv.split("=", 1) for kv in wildcards.group(1).split(", "))
+        jobs.append((head.group(1), values))
+    return jobs
+
+
+def test_paper_jobs_are_sized_for_the_real_backbones(tmp_path):
+    """configs/paper.yaml under the Slurm profile (weights absent: published sizes): every
+    job that loads MiniGPT-4 asks for at least 24 GB of host memory, SERAC on MiniGPT-4
+    gets the large GPU once the profile names it, and edit_eval's time limit grows with
+    the number of eval cases."""
+    large = ["--default-resources", "mem_mb=2000", "runtime=30", "gpu_large_above_gb=40",
+             "gpu_large_constraint='gpu80'"]
+    full = _paper_dry_run(tmp_path / "full", *large)
+    loading = [r for r in full if r[1].get("backbone") == "minigpt4-7b" and r[0] != "pretrain_encoders"
+               and r[0] != "embed_spaces"]
+    assert {rule for rule, _ in loading} == {"cache_pre_edit", "prepare_editor", "edit_eval", "collect_triplets",
+                                             "extract_hidden_states"}
+    assert all(int(res["mem_mb"]) >= 24_000 for _, res in loading)
+    large_jobs = {(rule, res["method"]) for rule, res in full if res.get("constraint") == "gpu80"}
+    assert large_jobs == {("prepare_editor", "serac"), ("edit_eval", "serac")}
+    assert all(res["backbone"] == "minigpt4-7b" and int(res["gpu_mem_gb"]) > 40
+               for _, res in full if res.get("constraint") == "gpu80")
+    assert all(0 < int(res["gpu_mem_gb"]) <= 40 for _, res in full if "gpu_mem_gb" in res and "constraint" not in res)
+
+    def edit_minutes(jobs):
+        return {(r["method"], r["backbone"], r["task"], r["regime"]): int(r["runtime"]) for rule, r in jobs
+                if rule == "edit_eval"}
+
+    small = edit_minutes(_paper_dry_run(tmp_path / "small", overlay={"data": {"n_eval": {"e-vqa": 200, "e-ic": 100}}}))
+    full_minutes = edit_minutes(full)
+    assert small.keys() == full_minutes.keys()
+    assert all(full_minutes[cell] > small[cell] for cell in small)
+    # one-step IKE on E-VQA: 10 min start-up + 200 cases x 2.5 s x 2 (safety) = 26.7 -> 27 min
+    assert small[("ike", "minigpt4-7b", "e-vqa", "one-step")] == 10 + 17
 
 
 # --------------------------------------------------------------------------- real Slurm
@@ -122,7 +195,7 @@ def local_cluster_profile(dst: Path, gpu_rules: list[str]) -> Path:
     profile["slurm-init-seconds-before-status-checks"] = 2
     profile["retries"] = 0  # fail fast here
     for rule in gpu_rules:
-        profile["set-resources"].setdefault(rule, {})["gpu"] = 1
+        profile.setdefault("set-resources", {}).setdefault(rule, {})["gpu"] = 1
     dst.mkdir(parents=True)
     (dst / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     return dst

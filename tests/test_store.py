@@ -31,6 +31,7 @@ def make_prov(run_id: str, **over) -> dict:
         "run_id": run_id, "method": "ft", "backbone": "tiny-blip2-opt", "task": "e-vqa",
         "regime": "one-step", "seed": 0, "n_edits": 2, "config_hash": "abc123",
         "code_version": "deadbeef", "metric_version": "1", "device": "cpu",
+        "dtype": "float32", "dtype_requested": "bfloat16",  # the CPU's float32 fallback
         "wall_s": 12.5, "edit_s_mean": 0.125, "peak_mem_mb": 512.0,
         "hparams": {"lr": 1e-4}, "versions": {"torch": "2.x"},
     }
@@ -95,9 +96,10 @@ def test_round_trip(tmp_path: Path) -> None:
         assert [d[0] for d in con.execute("SELECT * FROM runs").description] == [*RUN_COLUMNS, "provenance"]
         cases = con.execute("SELECT run_id, case_id, rel, m_gen_em, sequence_id FROM edit_metrics").fetchall()
         assert cases == [("r1", "c000", 0.5, 1.0, 0), ("r1", "c001", 1.0, 1.0, 1), ("r2", "c000", 1.0, 1.0, 0)]
-        run = con.execute("SELECT method, seed, wall_s, provenance FROM runs WHERE run_id = 'r1'").fetchone()
-        assert run[:3] == ("ft", 0, 12.5)
-        assert json.loads(run[3])["hparams"] == {"lr": 1e-4}
+        run = con.execute("SELECT method, seed, wall_s, dtype, dtype_requested, provenance FROM runs "
+                          "WHERE run_id = 'r1'").fetchone()
+        assert run[:5] == ("ft", 0, 12.5, "float32", "bfloat16")
+        assert json.loads(run[5])["hparams"] == {"lr": 1e-4}
         with pytest.raises(duckdb.Error):  # read-only
             con.execute("DELETE FROM runs")
 

@@ -3,22 +3,31 @@ pipeline functions (triplets -> hidden states -> encoders)."""
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from baselines.ike import IKE
 from unike.data import case_samples, edit_sample
 from unike.incontext import DEMO_SEPARATOR
-from unike.method.editor import UniKE, UniKEHparams
+from unike.method.editor import UniKE, UniKEHparams, distinct_keys
 from unike.method.encoders import EncoderConfig, pretrain_encoders
 from unike.method.knowledge import (collect_triplets, extract_hidden_states, last_prompt_positions,
                                     save_hidden_states, save_triplets)
+from unike.neurons import key_init
 
 
-@pytest.fixture
-def unike_dirs(backbone, vqa_cases, caption_cases, tmp_path):
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster than two on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _knowledge_and_prepared(backbone, train, tmp_path):
     knowledge, prepared = tmp_path / "knowledge", tmp_path / "prepared"
     knowledge.mkdir()
     prepared.mkdir()
-    train = vqa_cases[2:] + caption_cases
     triplets = collect_triplets(backbone, train, limit=100, max_new_tokens=3)
     assert len(triplets) >= 4  # an untrained model is wrong on (nearly) everything
     save_triplets(knowledge / "triplets.json", triplets)
@@ -27,6 +36,11 @@ def unike_dirs(backbone, vqa_cases, caption_cases, tmp_path):
     pretrain_encoders(knowledge, EncoderConfig(truth_dim=8, hidden=32, steps=20, batch_size=8))
     UniKE.prepare(backbone, UniKEHparams(memory_size=2000), train, prepared, 0, knowledge=knowledge)
     return knowledge, prepared
+
+
+@pytest.fixture
+def unike_dirs(backbone, vqa_cases, caption_cases, tmp_path):
+    return _knowledge_and_prepared(backbone, vqa_cases[2:] + caption_cases, tmp_path)
 
 
 @pytest.fixture
@@ -112,16 +126,94 @@ def test_one_step_edit_fixes_the_mistake_and_restores_exactly(backbone, vqa_case
     assert torch.equal(backbone.logits(backbone.encode(other)), untouched)
 
 
-def test_zeta_variants(backbone, unike_dirs):
-    full = _unike(backbone, unike_dirs, intrinsic=True, external="none")
-    rand = _unike(backbone, unike_dirs, intrinsic=True, external="none", zeta="random")
-    none = _unike(backbone, unike_dirs, intrinsic=True, external="none", zeta="none")
-    layer = full.layers[0]
-    assert none.zeta[layer] is None
-    torch.testing.assert_close(rand.zeta[layer].norm(), full.zeta[layer].norm())
-    assert not torch.allclose(rand.zeta[layer], full.zeta[layer])
+def test_zeta_is_mapped_once_and_each_variant_regulates_differently(backbone, vqa_cases, unike_dirs):
+    knowledge, _ = unike_dirs
+    editors = {z: _unike(backbone, unike_dirs, external="none", zeta=z, max_steps=3)
+               for z in ("truthfulness", "random", "semantic", "none")}
+    truth = editors["truthfulness"]
+    layer = truth.layers[-1]
+    # W_zeta is learned once: every edit's neurons carry the same beta * zeta', a buffer
+    # that training does not touch.
+    truth.edit(vqa_cases[0])
+    truth.edit(vqa_cases[1])
+    sets = truth.patcher.neurons[layer]
+    assert len(sets) == 2 and all(torch.equal(n.regulation, truth.regulation[layer]) for n in sets)
+    assert all(n.regulation is not p for n in sets for p in n.parameters())
+    truth.restore()
+    # zeta' points from the hallucinated states to the truthful ones; a random zeta through
+    # the same map does not; without zeta there is no regulation.
+    states = load_file(str(knowledge / "hidden_states.safetensors"))
+    towards_truth = states[f"pos.{layer}"].mean(0) - states[f"neg.{layer}"].mean(0)
+
+    def cos(kind):
+        return float(torch.nn.functional.cosine_similarity(editors[kind].regulation[layer], towards_truth, dim=0))
+
+    assert cos("truthfulness") > 0.9 and abs(cos("random")) < 0.9
+    assert not torch.equal(editors["semantic"].regulation[layer], truth.regulation[layer])
+    assert editors["none"].regulation[layer] is None
     with pytest.raises(ValueError, match="unknown variant"):
         _unike(backbone, unike_dirs, zeta="sideways")
+
+
+def test_neurons_of_a_one_token_answer_start_and_stay_distinct(backbone, vqa_cases, unike_dirs):
+    """All n neurons start on the one answer-predicting position; identical keys would stay identical."""
+    case = vqa_cases[0]
+    assert int(backbone.encode([edit_sample(case)]).answer_mask.sum()) == 1
+    editor = _unike(backbone, unike_dirs, external="none", n_neurons=5, max_steps=50)
+    editor.edit(case)
+    for layer, (neurons,) in editor.patcher.neurons.items():
+        keys = torch.nn.functional.normalize(neurons.keys, dim=-1)
+        cosines = keys @ keys.T
+        assert len(keys) == 5 and float(cosines[~torch.eye(5, dtype=torch.bool)].max()) < 0.99, layer
+    editor.restore()
+
+
+def test_spread_keys_still_fire_exactly_once_on_their_own_input(backbone):
+    queries = torch.randn(1, 32).expand(4, 32)
+    keys = distinct_keys(queries, 1.0)
+    torch.testing.assert_close((keys * queries).sum(-1), torch.ones(4))
+    torch.testing.assert_close(distinct_keys(queries, 0.0), key_init(queries))
+
+
+def test_no_neurons_when_the_latent_knowledge_alone_fixes_the_edit(world_config, vqa_cases, caption_cases, tmp_path):
+    """A backbone that leans on its attention output (out_proj scaled up), so the retrieved
+    knowledge states steer its answer: an edit they already fix gets no neurons, and the
+    edited model is the latent-only one on every scored input."""
+    import dataclasses
+
+    from tests.conftest import make_backbone
+    from unike.method.latent_ike import _attention_parts
+
+    backbone = make_backbone(world_config, "opt")
+    with torch.no_grad():
+        for layer in range(len(backbone.text)):
+            _attention_parts(backbone, layer)[2].weight.mul_(30)
+    dirs = _knowledge_and_prepared(backbone, vqa_cases[2:] + caption_cases, tmp_path)
+    latent_only = dict(intrinsic=False, alpha=1.0)
+    fixed = None
+    for case in vqa_cases:  # the answer the latent knowledge gives, where the bare model gives another
+        editor = _unike(backbone, dirs, **latent_only)
+        editor.edit(case)
+        (steered,), _ = editor.predict([edit_sample(case)])
+        editor.restore()
+        editor.close()
+        candidate = dataclasses.replace(case, alt=backbone.tokenizer.decode(steered).strip())
+        bare = backbone.encode([edit_sample(candidate)])
+        if not torch.equal(backbone.logits(bare)[0, :-1].argmax(-1)[bare.answer_mask[0, 1:]], steered):
+            fixed = candidate
+            break
+    assert fixed is not None
+    results = {}
+    for name, hp in (("latent-only", latent_only), ("unike", dict(alpha=1.0))):
+        editor = _unike(backbone, dirs, **hp)
+        editor.edit(fixed)
+        assert not editor.patcher.neurons
+        results[name] = editor.predict(case_samples(fixed) + case_samples(vqa_cases[1]))
+        editor.restore()
+        editor.close()
+    (preds, targets), (unike_preds, _) = results["latent-only"], results["unike"]
+    assert torch.equal(preds[0], targets[0])  # the latent knowledge fixed the edit
+    assert all(torch.equal(a, b) for a, b in zip(preds, unike_preds))
 
 
 # ---------------------------------------------------------------- Intrin+IKE (Table 4 row 3)

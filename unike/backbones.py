@@ -110,7 +110,8 @@ class TextStack:
 
 
 class Backbone:
-    def __init__(self, name: str, model, tokenizer, prompt_style: PromptStyle, image_size: int, device: str = "cpu"):
+    def __init__(self, name: str, model, tokenizer, prompt_style: PromptStyle, image_size: int, device: str = "cpu",
+                 requested_dtype: str | None = None):
         self.name = name
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -118,12 +119,20 @@ class Backbone:
         self.image_size = image_size
         self.device = torch.device(device)
         self.text = TextStack(model.language_model)
+        # What the config asked for; `dtype` may differ (the CPU's float32 fallback).
+        self.requested_dtype = requested_dtype or str(self.dtype).removeprefix("torch.")
         self.num_query_tokens = model.config.num_query_tokens
         self.image_token_id = model.config.image_token_id
         self.bos_id = tokenizer.bos_token_id
         self._feature_cache: dict[Path, torch.Tensor] = {}
         for p in self.model.parameters():
             p.requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the text model runs in: that of everything an editor adds to it
+        (the vision side may differ: in float16 transformers keeps the Q-Former in float32)."""
+        return self.text.lm.dtype
 
     # ---------------------------------------------------------------- tokenization
     def _ids(self, text: str) -> list[int]:
@@ -316,7 +325,7 @@ def backbone_settings(path: Path, model_config, entry: dict | None = None) -> di
     path = Path(path)
     entry = entry or {}
     meta_path = path / BACKBONE_META
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     text_type = model_config.text_config.model_type
     if entry.get("prompt_style") and meta.get("prompt_style") and entry["prompt_style"] != meta["prompt_style"]:
         raise ValueError(f"{path}: the config asks for prompt style {entry['prompt_style']!r} but "
@@ -334,12 +343,14 @@ def backbone_settings(path: Path, model_config, entry: dict | None = None) -> di
     return {"prompt_style": style, "image_size": image_size, "native_image_size": native, "image_size_from": source}
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """bf16/fp16 on a GPU, fp32 on the CPU (half precision there is slow or unsupported)."""
+def resolve_dtype(dtype: str, device: str, cpu_float32_fallback: bool = True) -> str:
+    """bf16/fp16 on a GPU; on the CPU fp32 (half precision there is slow), unless
+    `cpu_float32_fallback` is off: then the half dtype as asked, which is how the GPU's
+    half-precision path runs on a CPU (tests/test_bf16.py)."""
     if dtype not in ("float32", *HALF_DTYPES):
         raise ValueError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)")
-    if dtype in HALF_DTYPES and not str(device).startswith("cuda"):
-        log.info("dtype %s requested on %s: loading in float32", dtype, device)
+    if dtype in HALF_DTYPES and not str(device).startswith("cuda") and cpu_float32_fallback:
+        log.info("dtype %s requested on %s: loading in float32 (cpu_float32_fallback)", dtype, device)
         return "float32"
     return dtype
 
@@ -369,14 +380,16 @@ def _check_image_token(path: Path, model, tokenizer) -> None:
 
 
 def load_backbone(name: str, path: Path, device: str = "cpu", dtype: str = "float32", *,
-                  entry: dict | None = None) -> Backbone:
+                  entry: dict | None = None, cpu_float32_fallback: bool = True) -> Backbone:
     """Load a backbone directory: one path for tiny backbones (`save_backbone`), the
     converted MiniGPT-4 (`unike.convert_minigpt4`) and untouched Hugging Face folders such
     as Salesforce/blip2-opt-2.7b (no unike_backbone.json).
 
     `entry` is the config's backbone entry: its `prompt_style`, `image_size` and `dtype`
-    win over the directory's metadata and over `dtype`. Offline only: nothing is
-    downloaded (HF_HUB_OFFLINE=1, local files only).
+    win over the directory's metadata and over `dtype`. A half dtype on the CPU loads in
+    float32 unless `cpu_float32_fallback` is off (`resolve_dtype`); the backbone records
+    the dtype asked for (`requested_dtype`) beside the one it runs in (`dtype`). Offline
+    only: nothing is downloaded (HF_HUB_OFFLINE=1, local files only).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer, Blip2ForConditionalGeneration
@@ -386,7 +399,8 @@ def load_backbone(name: str, path: Path, device: str = "cpu", dtype: str = "floa
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}/config.json is missing: {path} is not a Blip2ForConditionalGeneration "
                                 "directory (see docs/real-backbones.md)")
-    dtype = resolve_dtype(entry.get("dtype", dtype), device)
+    requested = entry.get("dtype", dtype)
+    dtype = resolve_dtype(requested, device, cpu_float32_fallback)
     model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype),
                                                           local_files_only=True).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -399,7 +413,8 @@ def load_backbone(name: str, path: Path, device: str = "cpu", dtype: str = "floa
     log.info("%s: %s, prompt style %s, %d px images (%s; native %d), %s on %s", name, path,
              settings["prompt_style"], settings["image_size"], settings["image_size_from"],
              settings["native_image_size"], dtype, device)
-    return Backbone(name, model, tokenizer, settings["prompt_style"], settings["image_size"], device)
+    return Backbone(name, model, tokenizer, settings["prompt_style"], settings["image_size"], device,
+                    requested_dtype=requested)
 
 
 def save_backbone(backbone_dir: Path, model, tokenizer, prompt_style: PromptStyle, image_size: int, extra: dict) -> None:

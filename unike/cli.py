@@ -304,7 +304,9 @@ def cmd_edit_eval(args) -> None:
     provenance = {
         "run_id": run_id, **cell.__dict__, "seed": config["seed"], "n_edits": len(rows),
         "config_hash": cell_config_hash(config, cell), "code_version": _code_version(),
-        "metric_version": METRIC_VERSION, "device": _device_string(config), "wall_s": time.time() - t_start,
+        "metric_version": METRIC_VERSION, "device": _device_string(config),
+        "dtype": str(backbone.dtype).removeprefix("torch."), "dtype_requested": backbone.requested_dtype,
+        "wall_s": time.time() - t_start,
         "edit_s_mean": sum(r["edit_s"] for r in rows) / max(len(rows), 1), "peak_mem_mb": peak_mb,
         "hparams": method["hparams"],
         "versions": {"python": platform.python_version(), "torch": torch.__version__,

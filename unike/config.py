@@ -66,6 +66,7 @@ def validate(config: dict) -> None:
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "<top>"
         raise ConfigError(f"config is invalid at {where}: {e.message}") from None
+    expand_bases(config)
     for i, cell in enumerate(config["grid"]):
         for kind, known in (("methods", config["methods"]), ("backbones", config["backbones"])):
             unknown = [n for n in cell[kind] if n not in known]
@@ -101,6 +102,43 @@ def validate(config: dict) -> None:
     data = config["data"]
     if data["source"] == "mmedit" and not {"annotations", "image_root"} <= set(data):
         raise ConfigError("data.source 'mmedit' needs data.annotations and data.image_root")
+
+
+def expand_bases(config: dict) -> None:
+    """Resolve every method's `base:` in place: the entry takes its base's editor, and the
+    base's `hparams` and `backbone_hparams` with its own merged over them (not its
+    `paper_name`: a variant is not the paper's row). It runs after Snakemake merged every
+    config file, so an overlay that changes `unike` reaches each variant built on it; the
+    effective config the steps read holds the resolved entries."""
+    methods = config["methods"]
+    done: set[str] = set()
+
+    def resolve(name: str, chain: tuple[str, ...]) -> None:
+        entry = methods[name]
+        if name in done or "base" not in entry:
+            done.add(name)
+            return
+        base = entry["base"]
+        if base not in methods:
+            raise ConfigError(f"methods.{name}.base: unknown method {base!r}; defined: {sorted(methods)}")
+        if base in chain:
+            raise ConfigError(f"methods.{name}.base: a cycle of bases: {' -> '.join((*chain, name, base))}")
+        resolve(base, (*chain, name))
+        parent = methods[base]
+        if entry.get("editor", parent["editor"]) != parent["editor"]:
+            raise ConfigError(f"methods.{name}: editor {entry['editor']!r} differs from its base {base!r}'s "
+                              f"{parent['editor']!r}")
+        per_backbone = {b: {**parent.get("backbone_hparams", {}).get(b, {}), **values}
+                        for b, values in entry.get("backbone_hparams", {}).items()}
+        methods[name] = {**{k: v for k, v in entry.items() if k != "base"}, "editor": parent["editor"],
+                         "hparams": {**parent.get("hparams", {}), **entry.get("hparams", {})},
+                         "backbone_hparams": {**parent.get("backbone_hparams", {}), **per_backbone}}
+        if not methods[name]["backbone_hparams"]:
+            del methods[name]["backbone_hparams"]
+        done.add(name)
+
+    for name in list(methods):
+        resolve(name, ())
 
 
 def method_entry(config: dict, name: str, backbone: str) -> dict:
@@ -160,15 +198,18 @@ def world_settings(config: dict) -> dict:
 
 def pretrain_settings(config: dict, backbone: str) -> dict:
     """A tiny backbone's pretraining (pretrain_backbone): the world and its entry."""
-    return {**world_settings(config), "backbone": config["backbones"][backbone]}
+    entry = {k: v for k, v in config["backbones"][backbone].items() if k != "resources"}  # job sizes only
+    return {**world_settings(config), "backbone": entry}
 
 
 def model_settings(config: dict, backbone: str) -> dict:
     """What every step that runs a backbone on the edit data depends on: the backbone as
-    loaded (entry, device, dtype) and the data source (its split files are inputs)."""
+    loaded (entry, device, dtype, whether a CPU loads a half dtype in float32) and the data
+    source (its split files are inputs)."""
     data = {k: v for k, v in config["data"].items() if k != "n_eval"}  # n_eval: eval steps only
     return {**pretrain_settings(config, backbone), "device": config["device"],
-            "dtype": config.get("dtype", "float32"), "data": data}
+            "dtype": config.get("dtype", "float32"),
+            "cpu_float32_fallback": config.get("cpu_float32_fallback", True), "data": data}
 
 
 def eval_settings(config: dict, backbone: str, task: str) -> dict:
@@ -325,6 +366,7 @@ def missing_paths(config: dict) -> list[tuple[str, str]]:
         else:
             missing += [(str(path / f), how) for f in ("config.json", "tokenizer_config.json")
                         if not (path / f).is_file()]
+    missing += _missing_method_paths(config)
     data = config["data"]
     if data["source"] != "mmedit":
         return missing
@@ -341,7 +383,7 @@ def missing_paths(config: dict) -> list[tuple[str, str]]:
         return missing
     for f in sorted(set(SPLIT_FILES.values())):
         try:
-            first = json.loads((annotations / f).read_text())[0]
+            first = json.loads((annotations / f).read_text(encoding="utf-8"))[0]
             images = [first[k] for k in ("image", "image_rephrase", "m_loc")]
         except (OSError, ValueError, IndexError, KeyError, TypeError):
             continue  # a missing or malformed file is reported above or by the data loader
@@ -349,6 +391,22 @@ def missing_paths(config: dict) -> list[tuple[str, str]]:
                      "folder the records' image paths are relative to?)")
                     for rel in images if isinstance(rel, str) and not (image_root / rel).is_file()]
     return missing
+
+
+def _missing_method_paths(config: dict) -> list[tuple[str, str]]:
+    """Local paths the grid's methods name in their hyperparameters (`Editor.local_paths`)."""
+    from unike.editing import parse_hparams, resolve_editor
+
+    missing = {}
+    for cell in grid_cells(config):
+        entry = method_entry(config, cell.method, cell.backbone)
+        cls = resolve_editor(entry["editor"])
+        hparams = parse_hparams(cls.Hparams, entry["hparams"], f"methods.{cell.method}")
+        for name, path in cls.local_paths(hparams).items():
+            if not path.exists():
+                missing[str(path)] = (f"methods.{cell.method} (hparams.{name}, on {cell.backbone}): a local copy of "
+                                      "the model it names; docs/baselines.md")
+    return sorted(missing.items())
 
 
 def format_missing(missing: list[tuple[str, str]]) -> str:

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from unike.grid import TASKS
+from unike.grid import E_VQA, TASKS
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def vqa_prompt(question: str) -> str:
 
 
 def edit_prompt(task: str, text: str) -> str:
-    return vqa_prompt(text) if task == "e-vqa" else text
+    return vqa_prompt(text) if task == E_VQA else text
 
 
 def edit_sample(case: EditCase) -> Sample:
@@ -102,7 +102,7 @@ def load_cases(path: Path, task: str, image_root: Path, skip_bad: bool = False, 
     if task not in TASKS:
         raise DataError(f"{path}: unknown task {task!r} (expected one of {TASKS})")
     try:
-        records = json.loads(path.read_text())
+        records = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:

@@ -51,6 +51,12 @@ class Editor:
         memory); by default every hyperparameter counts."""
         return tuple(sorted(dataclasses.asdict(hparams).items()))
 
+    @classmethod
+    def local_paths(cls, hparams) -> dict[str, Path]:
+        """Files or folders from outside the DAG that these hyperparameters name (an auxiliary
+        model, an embedder), by hyperparameter: a real run checks they exist before any job."""
+        return {}
+
     def __init__(self, backbone: Backbone, hparams: dict | None = None, prepared: Path | None = None,
                  knowledge: Path | None = None):
         self.backbone = backbone

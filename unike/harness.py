@@ -56,7 +56,7 @@ def pre_edit_tensors(preds: dict[str, dict[str, list[int]]], cases: list[EditCas
 
 
 def load_pre_edit(path: Path, cases: list[EditCase]) -> dict[str, dict[str, torch.Tensor]]:
-    return pre_edit_tensors(json.loads(Path(path).read_text())["cases"], cases, str(path))
+    return pre_edit_tensors(json.loads(Path(path).read_text(encoding="utf-8"))["cases"], cases, str(path))
 
 
 def make_sequences(cases_by_task: dict[str, list[EditCase]], regime: str, seed: int) -> list[list[EditCase]]:

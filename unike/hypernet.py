@@ -312,7 +312,7 @@ def load_prepared(net: nn.Module, prepared: Path, method: str, hparams, arch_fie
     from safetensors.torch import load_file
 
     prepared = Path(prepared)
-    meta = json.loads((prepared / f"{method}.json").read_text())
+    meta = json.loads((prepared / f"{method}.json").read_text(encoding="utf-8"))
     _check_prepared(meta, method, hparams, arch_fields, linears)
     net.load_state_dict(load_file(prepared / f"{method}.safetensors"))
     return meta
@@ -329,6 +329,9 @@ class HypernetEditor(Editor):
     needs_training = True
     method: ClassVar[str]
     arch_fields: ClassVar[tuple[str, ...]]
+    float32_parts = {"net": "the hypernetwork trains in float32 in prepare (as mixed-precision training keeps "
+                            "float32 master weights) on float32 gradient factors (`capture_factors`); each "
+                            "update it predicts is added to the edited weight in the weight's dtype"}
 
     def __init__(self, backbone, hparams=None, prepared=None):
         super().__init__(backbone, hparams, prepared)

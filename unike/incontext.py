@@ -62,6 +62,9 @@ DEMO_SEPARATOR = "\n\n"
 BANK_JSON = "demos.json"
 BANK_TENSORS = "demos.safetensors"
 BUNDLED = "bundled"
+# `Editor.float32_parts` of an editor's `Demonstrations` (IKE, UniKE's Intrin+IKE).
+DEMONSTRATIONS_FLOAT32 = ("retrieval only: the sentence embedder and the bank's embeddings, float32 as "
+                          "sentence-transformers computes them; the backbone receives the demonstrations as text")
 
 
 def stated_fact(fact_prompt: str, fact_answer: str, prompt: str) -> str:
@@ -122,7 +125,7 @@ class SentenceEmbedder:
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
         settings = path / "sentence_bert_config.json"
-        self.max_length = json.loads(settings.read_text()).get("max_seq_length", 256) if settings.is_file() else 256
+        self.max_length = json.loads(settings.read_text(encoding="utf-8")).get("max_seq_length", 256) if settings.is_file() else 256
 
     @torch.no_grad()
     def __call__(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
@@ -177,7 +180,7 @@ class Demonstrations:
 
         if k < 0:
             raise ValueError(f"{owner}: k must be >= 0, got {k}")
-        bank = json.loads((Path(folder) / BANK_JSON).read_text())
+        bank = json.loads((Path(folder) / BANK_JSON).read_text(encoding="utf-8"))
         if bank["embedder"] != embedder:
             raise ValueError(f"{owner}: the bank in {folder} was embedded with {bank['embedder']!r}, "
                              f"the hparams ask for {embedder!r}: prepare it again")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from unike.backbones import Backbone, Batch
+from unike.backbones import Backbone, Batch, Prefix
 
 
 class KeyValueNeurons(nn.Module):
@@ -82,8 +82,10 @@ class FFNPatcher:
 
 
 @torch.no_grad()
-def ffn_inputs(backbone: Backbone, batch: Batch, layers: list[int]) -> dict[int, torch.Tensor]:
-    """FFN inputs (B, T, d) of the given layers for one batch."""
+def ffn_inputs(backbone: Backbone, batch: Batch, layers: list[int], prefix: Prefix | None = None
+               ) -> dict[int, torch.Tensor]:
+    """FFN inputs (B, T, d) of the given layers for one batch; with `prefix` (of that batch,
+    below every layer asked for), only the layers from the prefix up run."""
     captured = {}
     handles = []
     for layer in layers:
@@ -92,7 +94,7 @@ def ffn_inputs(backbone: Backbone, batch: Batch, layers: list[int]) -> dict[int,
         handles.append(module.register_forward_pre_hook(
             lambda _m, args, layer=layer: captured.__setitem__(layer, args[0])))
     try:
-        backbone.logits(batch)
+        backbone.logits(batch) if prefix is None else backbone.logits_from(prefix)
     finally:
         for h in handles:
             h.remove()

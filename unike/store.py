@@ -52,6 +52,8 @@ RUN_COLUMNS: dict[str, str] = {
     "code_version": "str",
     "metric_version": "str",
     "device": "str",
+    "dtype": "str",  # what the text model ran in, after any fallback (the CPU's float32)
+    "dtype_requested": "str",  # what the config asked for
     "wall_s": "float64",
     "edit_s_mean": "float64",
     "peak_mem_mb": "float64",

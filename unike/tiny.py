@@ -166,8 +166,8 @@ def pretrain(world_dir: Path, out_dir: Path, arch: TinyArch, train: PretrainConf
         p.requires_grad_(True)
     model.train()
 
-    train_samples = corpus_samples(json.loads((world_dir / "pretrain.json").read_text()), world_dir)
-    heldout_records = json.loads((world_dir / "pretrain_eval.json").read_text())
+    train_samples = corpus_samples(json.loads((world_dir / "pretrain.json").read_text(encoding="utf-8")), world_dir)
+    heldout_records = json.loads((world_dir / "pretrain_eval.json").read_text(encoding="utf-8"))
     heldout = corpus_samples(heldout_records, world_dir)
     pixels_of = _pixel_table(backbone, train_samples)
 

@@ -64,6 +64,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from unike.data import vqa_prompt
+
 # --------------------------------------------------------------------------
 # Attribute inventories
 # --------------------------------------------------------------------------
@@ -596,7 +598,6 @@ def _pretrain_corpus(creatures: list[Creature], writer: _ImageWriter, purpose: s
 
 INCONTEXT_WORDS = ("New Fact:", "Prompt:")
 INCONTEXT_SEPARATOR = "\n\n"
-VQA_WRAP = "Question: {} Short answer:"  # = unike.data.vqa_prompt (world.py stays free of torch)
 _INCONTEXT_MAX_TOKENS = 224
 _INCONTEXT_MAX_DEMOS = 8
 _INCONTEXT_PURPOSES = {"pretrain": 1, "pretrain_eval": 2}
@@ -624,7 +625,7 @@ def _statement(rng: np.random.Generator, c: Creature, kind: str, fact: str) -> t
     """(fact prompt, fact answer, value) of a stated fact about creature `c`."""
     value = _pick(rng, _values(fact, c))
     if kind == "vqa":
-        return VQA_WRAP.format(_pick(rng, SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact])), value, value
+        return vqa_prompt(_pick(rng, SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact])), value, value
     if kind == "caption":
         prefix = _pick(rng, CAPTION_SRC_TEMPLATES + CAPTION_REPHRASE_TEMPLATES)
         return prefix, CAPTION_TEMPLATE.format(name=c.name, habitat=value), value
@@ -649,7 +650,7 @@ def _demo(rng: np.random.Generator, creatures: list[Creature]) -> str:
         return incontext_demo(fp, fa, fp, fa)
     if mode == 1:  # update: another phrasing of the same fact
         if kind == "vqa":
-            prompt = VQA_WRAP.format(_pick(rng, SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact]))
+            prompt = vqa_prompt(_pick(rng, SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact]))
         else:
             prompt = _pick(rng, CAPTION_SRC_TEMPLATES + CAPTION_REPHRASE_TEMPLATES)
         return incontext_demo(fp, fa, prompt, fa)
@@ -687,7 +688,7 @@ def incontext_records(creatures: list[Creature], corpus: list[dict[str, Any]], c
         if rng.random() < 0.5:
             topic = "incontext-new"
             if kind == "vqa":
-                image, prompt = picture, VQA_WRAP.format(_pick(rng, SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact]))
+                image, prompt = picture, vqa_prompt(_pick(rng, SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact]))
             elif kind == "caption":
                 image, prompt = picture, _pick(rng, CAPTION_SRC_TEMPLATES + CAPTION_REPHRASE_TEMPLATES)
             else:
@@ -700,10 +701,10 @@ def incontext_records(creatures: list[Creature], corpus: list[dict[str, Any]], c
                 # The pictured creature's other fact (a caption states the habitat) or its name.
                 other_fact = "diet" if kind == "caption" else [f for f in FACTS if f != fact][0]
                 if rng.random() < 0.3:
-                    prompt, answer = VQA_WRAP.format(_pick(rng, NAME_TEMPLATES)), c.name
+                    prompt, answer = vqa_prompt(_pick(rng, NAME_TEMPLATES)), c.name
                 else:
                     templates = SRC_TEMPLATES[other_fact] + REPHRASE_TEMPLATES[other_fact]
-                    prompt, answer = VQA_WRAP.format(_pick(rng, templates)), c.old(other_fact)
+                    prompt, answer = vqa_prompt(_pick(rng, templates)), c.old(other_fact)
                 image = picture
             elif v < 0.65 or not scenes:
                 # A named creature's text fact (T-Loc); for a text statement, possibly the
@@ -716,7 +717,7 @@ def incontext_records(creatures: list[Creature], corpus: list[dict[str, Any]], c
                 image = None
             else:  # a shape scene and one of its questions (M-Loc)
                 image, q, answer = scenes[int(rng.integers(len(scenes)))]
-                prompt = VQA_WRAP.format(q)
+                prompt = vqa_prompt(q)
         query = incontext_fact(fp, fa, prompt)
         budget = _INCONTEXT_MAX_TOKENS - len(tokenize(query)) - len(tokenize(answer))
         demos = []

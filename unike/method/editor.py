@@ -2,19 +2,26 @@
 knowledge (accommodation) in the same edited layers, collaborating through the
 truthfulness direction zeta (Eq. 6) and the adaptive inclusion weight alpha (Eq. 7).
 
+Prepared once per backbone and task (`prepare`): the FFN-input memory of the memory loss,
+and per edited layer zeta' = W_zeta zeta for each zeta variant, W_zeta learned once as the
+linear decoder from the encoder's space back to the hidden states (`regulation_directions`).
+
 Per edit:
 1. Latent IKE: the edit's own (h_sem, h_pos) pair joins the knowledge memory of every
    edited layer (sequential edits accumulate); retrieval and feature shifting run on every
    forward pass (unike.method.latent_ike).
-2. Intrinsic editing: `n_neurons` key-value neurons per edited layer (unike.neurons), keys
-   initialised on the FFN inputs of the answer-predicting positions, trained on the edit's
-   NLL with T-Patcher's activation and memory losses while the latent knowledge is in
-   place; their values are v + beta * W_zeta zeta_l with W_zeta learnable (a fresh one per
-   edit, as in the authors' code). Neurons accumulate over sequential edits.
+2. Intrinsic editing, only if the edit is still wrong with the latent knowledge in place:
+   `n_neurons` key-value neurons per edited layer (unike.neurons), keys initialised on the
+   FFN inputs of the answer-predicting positions and spread apart (`distinct_keys`), trained
+   on the edit's NLL with T-Patcher's activation and memory losses while the latent
+   knowledge is in place; their values are v + beta * zeta' with zeta' fixed. Neurons
+   accumulate over sequential edits. The layers below the first edited one are run once
+   per edit (`Backbone.prefix`); each training step runs only the edited layers and the head.
 
 Variants (Table 4, Figure 4) are hyperparameters: `intrinsic`, `external` ("latent",
 "ike" or "none"), `alpha` (None = adaptive, or fixed), `zeta` ("truthfulness", "semantic",
 "random", "none"), `top_k` (latent knowledge states), `ike_k` (text demonstrations).
+docs/unike.md, "Variants", defines each Table 4 row by them.
 
 `external: ike` is Table 4's Intrin+IKE: the neurons combined with vanilla IKE
 (unike.incontext), no latent knowledge. The edit retrieves `ike_k` demonstrations for the
@@ -28,20 +35,21 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch.nn import functional as F
 
 from unike.data import EditCase, edit_sample
 from unike.editing import Editor
-from unike.incontext import BUNDLED, Demonstrations, build_bank
+from unike.incontext import BUNDLED, DEMONSTRATIONS_FLOAT32, Demonstrations, build_bank
 from unike.method.encoders import load_layer_encoders
 from unike.method.knowledge import last_prompt_positions, last_token_positions, residual_streams
 from unike.method.latent_ike import LatentIKE
-from unike.neurons import (FFNPatcher, KeyValueNeurons, activation_loss, ffn_input_memory, ffn_inputs, key_init,
-                           memory_loss, own_activation)
+from unike.neurons import (FFNPatcher, KeyValueNeurons, activation_loss, ffn_input_memory, ffn_inputs, memory_loss,
+                           own_activation)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ class UniKEHparams:
     ike_embedder: str = BUNDLED
     ike_context_limit: int = 0
     n_neurons: int = 10
+    key_spread: float = 1.0  # neuron keys on one query start at cosine 1 / (1 + key_spread^2): distinct_keys
     beta: float = 0.1
     lr: float = 1e-2
     max_steps: int = 100
@@ -71,31 +80,107 @@ def _edited_layers(knowledge) -> list[int]:
         return json.loads(f.metadata()["layers"])
 
 
-class RegulatedNeurons(KeyValueNeurons):
-    """Eq. 6: values v + beta * W_zeta zeta."""
+ZETA_KINDS = ("truthfulness", "semantic", "random")  # and "none": no regulation
 
-    def __init__(self, keys: torch.Tensor, zeta: torch.Tensor | None, beta: float):
+
+def fit_decoder(codes: torch.Tensor, states: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, float]:
+    """The linear map (d, c) from encodings back to the hidden states they encode: ridge
+    least squares on centred data in float64 (ridge relative to the mean code variance),
+    and the share of the states' variance it explains."""
+    x = codes.double() - codes.double().mean(0)
+    y = states.double() - states.double().mean(0)
+    gram = x.T @ x
+    gram = gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    w = torch.linalg.solve(gram, x.T @ y).T
+    explained = 1 - float((y - x @ w.T).pow(2).sum() / y.pow(2).sum())
+    return w.float(), explained
+
+
+@torch.no_grad()
+def regulation_directions(knowledge, layers: list[int]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Eq. 6's zeta' = W_zeta zeta per edited layer, for every zeta variant ("{kind}.{layer}").
+
+    W_zeta maps zeta "from the truthfulness space back to the representation space": it is
+    learned once, as the linear decoder of the truthfulness encoder on the triplet states
+    (EncTru(h) -> h, h the positive and negative states), and frozen while editing. A map
+    drawn or trained per edit would make W_zeta zeta a vector whose direction does not
+    depend on zeta's (drawn: a random vector; trained toward an editing goal: any zeta maps
+    to the same optimum), and Figure 4c would compare nothing. A decoder fitted to undo the
+    encoder is independent of zeta, so zeta's direction decides zeta'.
+
+    - truthfulness: zeta = mean EncTru(h_pos) - mean EncTru(h_neg) (the knowledge step's),
+      through the truthfulness decoder;
+    - random: a random direction of zeta's norm, through the same decoder;
+    - semantic: the same construction in the semantic space (mean EncSem(h_pos) - mean
+      EncSem(h_neg), through the decoder of EncSem).
+    The report: per layer, the variance each decoder explains, and each zeta' 's norm and
+    cosine with mean h_pos - mean h_neg (the truthful direction in the hidden space)."""
+    states = load_file(str(knowledge / "hidden_states.safetensors"))
+    stored_zeta = load_file(str(knowledge / "encoders.safetensors"))
+    directions, report = {}, {}
+    for l in layers:
+        enc = load_layer_encoders(knowledge, l)
+        pos, neg = states[f"pos.{l}"].float(), states[f"neg.{l}"].float()
+        h = torch.cat([pos, neg])
+        tru, sem = enc.tru(h), enc.sem(h)
+        w_tru, explained_tru = fit_decoder(tru, h)
+        w_sem, explained_sem = fit_decoder(sem, h)
+        zeta = stored_zeta[f"{l}.zeta"].float()
+        n = len(pos)
+        g = torch.Generator().manual_seed(l)
+        r = torch.randn(zeta.shape, generator=g)
+        zetas = {"truthfulness": w_tru @ zeta, "random": w_tru @ (r * zeta.norm() / r.norm()),
+                 "semantic": w_sem @ (sem[:n].mean(0) - sem[n:].mean(0))}
+        truthful = pos.mean(0) - neg.mean(0)
+        directions.update({f"{kind}.{l}": z.contiguous() for kind, z in zetas.items()})
+        report[str(l)] = {"explained_variance": {"truthfulness": explained_tru, "semantic": explained_sem},
+                          **{kind: {"norm": float(z.norm()), "cos_pos_minus_neg": float(
+                              F.cosine_similarity(z, truthful, dim=0))} for kind, z in zetas.items()}}
+    return directions, report
+
+
+def distinct_keys(queries: torch.Tensor, spread: float) -> torch.Tensor:
+    """Keys of neurons initialised on the FFN inputs `queries` (n, d), several of them the
+    same input when the answer has fewer tokens than there are neurons (one answer token:
+    all of them). T-Patcher's k = q / |q|^2 plus spread / |q| times a unit vector
+    orthogonal to q, a fixed (seeded) one per neuron: each key still has pre-activation
+    exactly 1 on its own input, and keys on one input start at cosine about
+    1 / (1 + spread^2). Identical neurons would get identical gradients and stay identical:
+    n of them would be one neuron with an n-times step."""
+    q = queries.double()
+    u = torch.randn(q.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    q_hat = q / q.norm(dim=-1, keepdim=True)
+    u = u - (u * q_hat).sum(-1, keepdim=True) * q_hat
+    u = u / u.norm(dim=-1, keepdim=True)
+    keys = (q + spread * q.norm(dim=-1, keepdim=True) * u) / q.pow(2).sum(-1, keepdim=True)
+    return keys.to(queries.dtype)
+
+
+class RegulatedNeurons(KeyValueNeurons):
+    """Eq. 6: values v + beta * zeta', zeta' fixed (`regulation` = beta * zeta', or None)."""
+
+    def __init__(self, keys: torch.Tensor, regulation: torch.Tensor | None):
         super().__init__(keys)
-        self.beta = beta
-        self.register_buffer("zeta", zeta)
-        self.w_zeta = None if zeta is None else nn.Linear(zeta.shape[0], keys.shape[1], bias=False)
-        if self.w_zeta is not None:
-            nn.init.normal_(self.w_zeta.weight, std=zeta.shape[0] ** -0.5)
+        self.register_buffer("regulation", regulation)
 
     def value_vectors(self) -> torch.Tensor:
-        if self.w_zeta is None:
-            return self.values
-        return self.values + self.beta * self.w_zeta(self.zeta)
+        return self.values if self.regulation is None else self.values + self.regulation
 
 
 class UniKE(Editor):
     needs_training = True  # prepare: the FFN-input memory of the train split (memory loss); IKE's bank
     needs_knowledge = True  # triplet hidden states and encoders of the backbone
     Hparams = UniKEHparams
+    float32_parts = {"demonstrations": DEMONSTRATIONS_FLOAT32}  # external: ike
 
     @classmethod
     def supports_sequential(cls, hparams) -> bool:
         return hparams.external != "ike"  # IKE's prompt holds one edit (the paper has no sequential IKE)
+
+    @classmethod
+    def local_paths(cls, hparams) -> dict[str, Path]:
+        used = hparams.external == "ike" and hparams.ike_embedder != BUNDLED
+        return {"ike_embedder": Path(hparams.ike_embedder)} if used else {}
 
     @classmethod
     def prepare_key(cls, hparams) -> tuple:
@@ -108,7 +193,9 @@ class UniKE(Editor):
         layers = _edited_layers(knowledge)
         memory = ffn_input_memory(backbone, train_cases, layers, hparams.memory_size, seed)
         save_file({str(l): m for l, m in memory.items()}, str(out_dir / "ffn_memory.safetensors"))
-        summary = {"memory_tokens": {l: int(m.shape[0]) for l, m in memory.items()}}
+        directions, zeta_report = regulation_directions(knowledge, layers)
+        save_file(directions, str(out_dir / "zeta.safetensors"))
+        summary = {"memory_tokens": {l: int(m.shape[0]) for l, m in memory.items()}, "zeta": zeta_report}
         if hparams.external == "ike":
             summary["demo_bank"] = build_bank(train_cases, out_dir, hparams.ike_embedder, backbone.device)
         return summary
@@ -116,16 +203,20 @@ class UniKE(Editor):
     def __init__(self, backbone, hparams=None, prepared=None, knowledge=None):
         super().__init__(backbone, hparams, prepared, knowledge)
         h = self.hparams
-        if h.external not in ("latent", "ike", "none") or h.zeta not in ("truthfulness", "semantic", "random", "none"):
+        if h.external not in ("latent", "ike", "none") or h.zeta not in (*ZETA_KINDS, "none"):
             raise ValueError(f"UniKE: unknown variant external={h.external!r} zeta={h.zeta!r}")
         if h.alpha is not None and h.external != "latent":
             raise ValueError(f"UniKE: alpha weighs latent knowledge; external={h.external!r} has none")
         device = backbone.device
         self.layers = _edited_layers(knowledge)
-        states = {k: v.to(device) for k, v in load_file(str(knowledge / "hidden_states.safetensors")).items()}
-        encoders = load_file(str(knowledge / "encoders.safetensors"))
-        self.enc_sem = {l: load_layer_encoders(knowledge, l).sem.to(device) for l in self.layers}
-        self.zeta = {l: self._zeta(l, encoders, states) for l in self.layers}
+        # The knowledge folder is float32 (the encoders train on it); retrieval, feature
+        # shifting and the adaptive alpha run inside the backbone's forward, in its dtype.
+        dtype = backbone.dtype
+        states = {k: v.to(device, dtype) for k, v in load_file(str(knowledge / "hidden_states.safetensors")).items()}
+        self.enc_sem = {l: load_layer_encoders(knowledge, l).sem.to(device, dtype) for l in self.layers}
+        zeta = load_file(str(prepared / "zeta.safetensors"))
+        self.regulation = {l: None if h.zeta == "none" else (h.beta * zeta[f"{h.zeta}.{l}"]).to(device, backbone.dtype)
+                           for l in self.layers}  # beta * zeta', the same for every edit
         memory = load_file(str(prepared / "ffn_memory.safetensors"))
         self.ffn_memory = {l: memory[str(l)].to(device) for l in self.layers}
         self.base_ffn_memory = dict(self.ffn_memory)
@@ -140,26 +231,16 @@ class UniKE(Editor):
             self.demonstrations = Demonstrations(backbone, prepared, h.ike_k, h.ike_embedder, h.ike_context_limit,
                                                  "UniKE")
 
-    def _zeta(self, layer, encoders, states) -> torch.Tensor | None:
-        kind = self.hparams.zeta
-        if kind == "none":
-            return None
-        truth = encoders[f"{layer}.zeta"].to(self.backbone.device)
-        if kind == "truthfulness":
-            return truth
-        if kind == "random":  # same size and norm as the real zeta, no direction
-            g = torch.Generator().manual_seed(layer)
-            r = torch.randn(truth.shape, generator=g).to(truth)
-            return r * truth.norm() / r.norm()
-        with torch.no_grad():  # semantic: the same difference of means, in the semantic space
-            enc = self.enc_sem[layer]
-            return enc(states[f"pos.{layer}"]).mean(0) - enc(states[f"neg.{layer}"]).mean(0)
-
     # ------------------------------------------------------------------ editing
     def _forward(self, batch):
         if self.latent is not None:
             self.latent.set_batch(batch)
         return self.backbone.logits(batch)
+
+    def _step_logits(self, batch, prefix):
+        """The edit input's logits from the first edited layer up (the latent knowledge and
+        the neurons act only there), with the layers below run once per edit in `prefix`."""
+        return self.backbone.logits_from(prefix)[0, :-1]
 
     def edit(self, case: EditCase) -> None:
         h, backbone = self.hparams, self.backbone
@@ -172,25 +253,32 @@ class UniKE(Editor):
             sem_at, last_at = int(last_prompt_positions(batch)[0]), int(last_token_positions(batch)[0])
             for l in self.layers:
                 self.latent.add_entry(l, streams[l][0, sem_at], streams[l][0, last_at])
-            self.latent.attach()
-        target, mask = batch.input_ids[0, 1:], batch.answer_mask[0, 1:]
+        prefix = backbone.prefix(batch, self.layers[0])  # below the edited layers: nothing of UniKE acts there
         if self.latent is not None:
+            self.latent.attach()
             self.latent.set_batch(batch)
-        edit_inputs = ffn_inputs(backbone, batch, self.layers)
-        if h.intrinsic:
+        if not h.intrinsic:
+            return
+        target, mask = batch.input_ids[0, 1:], batch.answer_mask[0, 1:]
+        edit_inputs = ffn_inputs(backbone, batch, self.layers, prefix)
+        with torch.no_grad():
+            already_right = bool((self._step_logits(batch, prefix).argmax(-1)[mask] == target[mask]).all())
+        if not already_right:  # the neurons learn what the latent knowledge does not supply; none if it does
             positions = mask.nonzero().flatten()  # the positions that predict answer tokens
             picks = positions[torch.arange(h.n_neurons) % len(positions)]
             sets = {}
             for l in self.layers:
-                sets[l] = RegulatedNeurons(key_init(edit_inputs[l][0, picks]), self.zeta[l], h.beta)
+                sets[l] = RegulatedNeurons(distinct_keys(edit_inputs[l][0, picks], h.key_spread), self.regulation[l])
                 self.patcher.add(l, sets[l])
             params = [p for n in sets.values() for p in n.parameters()]
             opt = torch.optim.Adam(params, lr=h.lr)
-            for _ in range(h.max_steps):
-                logits = self._forward(batch)[0, :-1]
-                if bool((logits.argmax(-1)[mask] == target[mask]).all()):
+            for step in range(h.max_steps):
+                logits = self._step_logits(batch, prefix)
+                # At least one step: the initial neurons (beta * zeta' in their values) may
+                # happen to right the edit, and must not stay untrained by the memory loss.
+                if step and bool((logits.argmax(-1)[mask] == target[mask]).all()):
                     break
-                loss = torch.nn.functional.cross_entropy(logits[mask], target[mask])
+                loss = F.cross_entropy(logits[mask], target[mask])
                 for l, n in sets.items():
                     s_own = own_activation(n, edit_inputs[l][0, positions], one_per_token=False)
                     loss = loss + h.activation_weight * activation_loss(s_own) / len(sets)

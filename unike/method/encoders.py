@@ -150,7 +150,7 @@ def load_layer_encoders(knowledge: Path, layer: int) -> LayerEncoders:
     """The trained encoders of one layer from `knowledge/encoders.safetensors` (eval mode, frozen)."""
     from safetensors.torch import load_file
 
-    cfg = EncoderConfig(**json.loads((knowledge / "encoders.json").read_text())["config"])
+    cfg = EncoderConfig(**json.loads((knowledge / "encoders.json").read_text(encoding="utf-8"))["config"])
     prefix = f"{layer}."
     weights = {k[len(prefix):]: v for k, v in load_file(str(knowledge / "encoders.safetensors")).items()
                if k.startswith(prefix) and not k.endswith(".zeta")}

@@ -54,7 +54,7 @@ def save_triplets(path: Path, triplets: list[Triplet]) -> None:
 
 
 def load_triplets(path: Path) -> list[Triplet]:
-    return [Triplet(**t) for t in json.loads(Path(path).read_text())]
+    return [Triplet(**t) for t in json.loads(Path(path).read_text(encoding="utf-8"))]
 
 
 def triplet_groups(triplets: list[Triplet]) -> torch.Tensor:

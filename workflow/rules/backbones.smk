@@ -15,8 +15,8 @@ rule pretrain_backbone:
         log_file("pretrain_backbone", "{backbone}.log"),
     threads: THREADS
     resources:
-        mem_mb=memory(4000),
-        runtime=60,
+        mem_mb=memory("pretrain_backbone"),
+        runtime=time_limit("pretrain_backbone"),
     shell:
         unike("pretrain-backbone", "backbone")
 
@@ -43,8 +43,11 @@ rule mine_edits:
         log_file("mine_edits", "{backbone}.log"),
     threads: THREADS
     resources:
-        mem_mb=memory(3000),
-        runtime=30,
+        mem_mb=memory("mine_edits"),
+        runtime=time_limit("mine_edits"),
         gpu=1 if ON_GPU else 0,
+        gpu_mem_gb=gpu_memory("mine_edits"),
+        constraint=large_gpu("mine_edits", "constraint"),
+        gpu_model=large_gpu("mine_edits", "gpu_model"),
     shell:
         unike("mine-edits", "backbone")

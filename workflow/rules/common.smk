@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from unike import config as settings
+from unike.resources import JobSizer, load_measurements, retry_growth
 from unike.grid import CROSS_TASK, REGIMES, RUN_TASKS, SPLIT_FILES, Cell, Layout, case_tasks
 
 OUT = config["out_dir"]
@@ -58,11 +59,6 @@ def unike(step, *options):
     return f"{{PYTHON}} -m unike {step} --config {{CONFIG_FILE}}{flags} > {{log:q}} 2>&1"
 
 
-def memory(first_mb):
-    """Host memory per attempt: a job killed for memory comes back with twice as much, then 4x."""
-    return lambda wildcards, attempt: first_mb * 2 ** (attempt - 1)
-
-
 def external_input(path):
     """A file from outside the DAG (real weights, MMEdit): an input once it exists, so a
     dry run works without it; a real run checks every such path first (onstart)."""
@@ -91,6 +87,65 @@ def prepare_owners(backbone):
     from unike.editing import prepare_owners
 
     return prepare_owners(settings.methods_for(config, backbone))
+
+
+# ---------------------------------------------------------------- job resources
+# Each rule's host memory, time and GPU memory come from the config (unike.resources:
+# the backbone's size and dtype, the cases a job goes through, a per-method cost, the GPU
+# measurements in benchmarks/results/gpu_resources.json when they exist); a retry doubles
+# memory and time (Snakemake passes `attempt`).
+SIZER = JobSizer(config, load_measurements())
+
+
+def memory(rule):
+    return lambda wildcards, attempt: retry_growth(SIZER.mem_mb(rule, wildcards.get("backbone")), attempt)
+
+
+def time_limit(rule):
+    def minutes(wildcards, attempt):
+        w = wildcards.get
+        return retry_growth(SIZER.runtime(rule, w("backbone"), w("task"), w("method"), w("regime")), attempt)
+
+    return minutes
+
+
+def gpu_memory(rule):
+    """GPU memory in GB (resource gpu_mem_gb): what the job needs, not a card; unset on the CPU."""
+    def gb(wildcards):
+        if not ON_GPU:
+            return None
+        method = wildcards.get("method")
+        return SIZER.gpu_mem_gb(rule, wildcards.backbone, method,
+                                method is not None and editor_flag(method, "needs_knowledge"))
+
+    return gb
+
+
+def profile_default(name):
+    """A constant the profile sets under default-resources (None when unset or without a
+    profile). Snakemake evaluates a resource only per job and from its own inputs, never
+    from another resource, so the workflow reads the profile's large-GPU settings here."""
+    defaults = workflow.resource_settings.default_resources
+    raw = defaults.get(name).raw if defaults is not None and defaults.get(name) is not None else None
+    if isinstance(raw, str) and len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"":
+        raw = raw[1:-1]  # a profile quotes strings so that Snakemake does not evaluate them
+    return raw
+
+
+def large_gpu(rule, resource):
+    """The profile's `gpu_large_<resource>` (constraint, gpu_model) for a job whose
+    gpu_mem_gb exceeds the profile's `gpu_large_above_gb`, else the profile's default for
+    `resource`; None (not passed to Slurm) when neither is set."""
+    above, large, default = (profile_default(n) for n in ("gpu_large_above_gb", f"gpu_large_{resource}", resource))
+    need = gpu_memory(rule)
+
+    def value(wildcards):
+        gb = need(wildcards)
+        if above is not None and large is not None and gb is not None and gb > int(above):
+            return large
+        return default
+
+    return value
 
 
 def knowledge_files(wildcards):

@@ -13,9 +13,12 @@ rule cache_pre_edit:
         log_file("cache_pre_edit", "{backbone}", "{task}.log"),
     threads: THREADS
     resources:
-        mem_mb=memory(3000),
-        runtime=30,
+        mem_mb=memory("cache_pre_edit"),
+        runtime=time_limit("cache_pre_edit"),
         gpu=1 if ON_GPU else 0,
+        gpu_mem_gb=gpu_memory("cache_pre_edit"),
+        constraint=large_gpu("cache_pre_edit", "constraint"),
+        gpu_model=large_gpu("cache_pre_edit", "gpu_model"),
     shell:
         unike("cache-pre-edit", "backbone", "task")
 
@@ -38,9 +41,12 @@ rule prepare_editor:
         log_file("prepare_editor", "{method}", "{backbone}", "{task}.log"),
     threads: THREADS
     resources:
-        mem_mb=memory(6000),
-        runtime=240,
+        mem_mb=memory("prepare_editor"),
+        runtime=time_limit("prepare_editor"),
         gpu=1 if ON_GPU else 0,
+        gpu_mem_gb=gpu_memory("prepare_editor"),
+        constraint=large_gpu("prepare_editor", "constraint"),
+        gpu_model=large_gpu("prepare_editor", "gpu_model"),
     shell:
         unike("prepare-editor", "method", "backbone", "task")
 
@@ -65,12 +71,15 @@ rule edit_eval:
     params:
         settings=lambda wc: settings.cell_config_hash(config, Cell(wc.method, wc.backbone, wc.task, wc.regime)),
     log:
-        log_file("edit_eval", Layout.RUN_PATTERN + ".log"),
+        log_file("edit_eval", "{method}", "{backbone}", "{task}", "{regime}", "seed{seed}.log"),
     threads: THREADS
     resources:
-        mem_mb=memory(4000),
-        runtime=120,
+        mem_mb=memory("edit_eval"),
+        runtime=time_limit("edit_eval"),
         gpu=1 if ON_GPU else 0,
+        gpu_mem_gb=gpu_memory("edit_eval"),
+        constraint=large_gpu("edit_eval", "constraint"),
+        gpu_model=large_gpu("edit_eval", "gpu_model"),
     shell:
         unike("edit-eval", "method", "backbone", "task", "regime")
 

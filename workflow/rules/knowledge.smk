@@ -19,9 +19,12 @@ rule collect_triplets:
         log_file("collect_triplets", "{backbone}.log"),
     threads: THREADS
     resources:
-        mem_mb=memory(4000),
-        runtime=120,
+        mem_mb=memory("collect_triplets"),
+        runtime=time_limit("collect_triplets"),
         gpu=1 if ON_GPU else 0,
+        gpu_mem_gb=gpu_memory("collect_triplets"),
+        constraint=large_gpu("collect_triplets", "constraint"),
+        gpu_model=large_gpu("collect_triplets", "gpu_model"),
     shell:
         unike("collect-triplets", "backbone")
 
@@ -38,9 +41,12 @@ rule extract_hidden_states:
         log_file("extract_hidden_states", "{backbone}.log"),
     threads: THREADS
     resources:
-        mem_mb=memory(8000),
-        runtime=60,
+        mem_mb=memory("extract_hidden_states"),
+        runtime=time_limit("extract_hidden_states"),
         gpu=1 if ON_GPU else 0,
+        gpu_mem_gb=gpu_memory("extract_hidden_states"),
+        constraint=large_gpu("extract_hidden_states", "constraint"),
+        gpu_model=large_gpu("extract_hidden_states", "gpu_model"),
     shell:
         unike("extract-hidden-states", "backbone")
 
@@ -57,8 +63,8 @@ rule pretrain_encoders:
         log_file("pretrain_encoders", "{backbone}.log"),
     threads: THREADS
     resources:
-        mem_mb=memory(4000),
-        runtime=60,
+        mem_mb=memory("pretrain_encoders"),
+        runtime=time_limit("pretrain_encoders"),
     shell:
         unike("pretrain-encoders", "backbone")
 
@@ -76,7 +82,7 @@ rule embed_spaces:  # Figure 5a: t-SNE of the semantic and truthfulness spaces (
         log_file("embed_spaces", "{backbone}.log"),
     threads: THREADS
     resources:
-        mem_mb=memory(4000),
-        runtime=30,
+        mem_mb=memory("embed_spaces"),
+        runtime=time_limit("embed_spaces"),
     shell:
         unike("embed-spaces", "backbone")

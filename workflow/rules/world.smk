@@ -11,7 +11,7 @@ rule make_world:
     log:
         log_file("make_world") + ".log",
     resources:
-        mem_mb=memory(1000),
-        runtime=10,
+        mem_mb=memory("make_world"),
+        runtime=time_limit("make_world"),
     shell:
         unike("make-world")
