@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from reports.render import render_report
-from test_figures import BACKBONE_MAP, FIGURE4, synthetic_report_inputs
+from test_figures import BACKBONE_MAP, FIGURE4, METHOD_MAP, synthetic_report_inputs
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ARTIFACT = Path(__file__).resolve().parents[1] / "results/test-artifacts/report.png"
@@ -45,7 +45,7 @@ def browser():
 def test_report_in_browser(browser, tmp_path: Path) -> None:
     db, spaces = synthetic_report_inputs(tmp_path / "inputs")
     out = tmp_path / "report"
-    render_report(db, out, BACKBONE_MAP, FIGURE4, spaces)
+    render_report(db, out, BACKBONE_MAP, METHOD_MAP, FIGURE4, spaces)
 
     browser.get((out / "index.html").as_uri())
     assert browser.title == "UniKE benchmark report"
