@@ -216,10 +216,17 @@ def test_smoke_dag_through_slurm(tmp_path, local_slurm):
     work.mkdir()
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(SLURM_GRID))
     profile = local_cluster_profile(tmp_path / "profile", gpu_rules(tmp_path / "dry"))
+    # As from a venv that is not activated: the first `python` on the jobs' PATH is another
+    # interpreter (here one that always fails), so only jobs that run Snakemake's own succeed.
+    decoy = tmp_path / "decoy-bin"
+    decoy.mkdir()
+    (decoy / "python").write_text("#!/bin/sh\necho 'not the interpreter running snakemake' >&2\nexit 97\n")
+    (decoy / "python").chmod(0o755)
     cmd = ["timeout", "-s", "INT", "-k", "30", "1500", sys.executable, "-m", "snakemake",
            "--snakefile", str(REPO / "Snakefile"), "--directory", str(work), "--profile", str(profile),
            "--configfile", str(SMOKE), str(tmp_path / "grid.yaml")]
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1600)
+    result = subprocess.run(cmd, cwd=tmp_path, env={**env, "PATH": f"{decoy}:{env['PATH']}"}, capture_output=True,
+                            text=True, timeout=1600)
     out = result.stdout + result.stderr
     ctld_log = (state / "log" / "slurmctld.log").read_text(errors="replace")
     assert result.returncode == 0, out[-5000:] + "\n--- slurmctld.log ---\n" + ctld_log[-3000:]
