@@ -52,3 +52,13 @@ def make_backbone(world_config: WorldConfig, text_model: str, seed: int = 0) -> 
 @pytest.fixture(params=["opt", "llama"])
 def backbone(request, world_config) -> Backbone:
     return make_backbone(world_config, request.param)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models (and bf16 matmuls on the CPU) run faster on one thread than on two on a
+    busy machine; modules that train many tiny editors use it (pytestmark)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

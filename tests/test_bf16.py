@@ -112,13 +112,7 @@ def load_bf16(saved) -> Backbone:
     return load_backbone(BACKBONE_OF[kind], folder, "cpu", "bfloat16", cpu_float32_fallback=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """bf16 matmuls on the CPU are slow; a second thread on a shared machine made them slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

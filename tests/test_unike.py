@@ -15,13 +15,7 @@ from unike.method.knowledge import (collect_triplets, extract_hidden_states, las
 from unike.neurons import key_init
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _knowledge_and_prepared(backbone, train, tmp_path):

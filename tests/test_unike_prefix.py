@@ -17,13 +17,7 @@ from unike.tiny import TinyArch  # noqa: E402
 HPARAMS = {"n_neurons": 3, "max_steps": 8, "top_k": 4, "memory_size": 2000, "memory_top_k": 64}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module", params=["opt", "llama"])
