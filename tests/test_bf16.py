@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from tests.conftest import REPO, make_backbone
-from unike.backbones import Backbone, load_backbone, resolve_dtype, save_backbone
+from unike.backbones import Backbone, load_backbone, save_backbone
+from unike.resources import resolve_dtype
 from unike.config import edited_layers, load_config, method_entry, methods_for
 from unike.data import case_samples, load_cases
 from unike.editing import Editor, create_editor, parse_hparams, prepare_owners, resolve_editor

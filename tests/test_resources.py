@@ -40,14 +40,13 @@ def test_retry_doubles_per_attempt_and_refuses_attempt_zero():
         retry_growth(3000, 0)
 
 
-@pytest.mark.parametrize("device", ["cuda", "cpu"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("fallback", [True, False])
-def test_load_dtype_follows_resolve_dtype(device, dtype, fallback):
-    from unike.backbones import resolve_dtype  # the torch side of the same rule
-
+@pytest.mark.parametrize("device, dtype, fallback, loaded", [
+    ("cuda", "bfloat16", True, "bfloat16"), ("cuda", "float16", True, "float16"),
+    ("cpu", "bfloat16", True, "float32"), ("cpu", "bfloat16", False, "bfloat16"), ("cpu", "float32", False, "float32"),
+])
+def test_load_dtype_takes_the_entry_over_the_config_and_the_cpu_fallback(device, dtype, fallback, loaded):
     cfg = {"device": device, "dtype": "float32", "cpu_float32_fallback": fallback}
-    assert load_dtype(cfg, {"dtype": dtype}) == resolve_dtype(dtype, device, fallback)
+    assert load_dtype(cfg, {"dtype": dtype}) == loaded
 
 
 def test_load_dtype_names_a_bad_dtype():

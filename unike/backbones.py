@@ -26,6 +26,7 @@ from PIL import Image
 from torch import nn
 
 from unike.data import Sample
+from unike.resources import resolve_dtype
 
 log = logging.getLogger(__name__)
 PromptStyle = Literal["blip2", "minigpt4"]
@@ -311,7 +312,6 @@ BACKBONE_META = "unike_backbone.json"
 # The prompt wrapper each text model is paired with in the paper (used when neither the
 # config nor unike_backbone.json names one: an untouched Hugging Face BLIP-2 OPT folder).
 PROMPT_STYLE_OF_TEXT_MODEL: dict[str, PromptStyle] = {"opt": "blip2", "llama": "minigpt4"}
-HALF_DTYPES = ("bfloat16", "float16")
 
 
 def backbone_settings(path: Path, model_config, entry: dict | None = None) -> dict:
@@ -341,18 +341,6 @@ def backbone_settings(path: Path, model_config, entry: dict | None = None) -> di
     if image_size % patch:
         raise ValueError(f"{path}: image_size {image_size} is not a multiple of the patch size {patch}")
     return {"prompt_style": style, "image_size": image_size, "native_image_size": native, "image_size_from": source}
-
-
-def resolve_dtype(dtype: str, device: str, cpu_float32_fallback: bool = True) -> str:
-    """bf16/fp16 on a GPU; on the CPU fp32 (half precision there is slow), unless
-    `cpu_float32_fallback` is off: then the half dtype as asked, which is how the GPU's
-    half-precision path runs on a CPU (tests/test_bf16.py)."""
-    if dtype not in ("float32", *HALF_DTYPES):
-        raise ValueError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)")
-    if dtype in HALF_DTYPES and not str(device).startswith("cuda") and cpu_float32_fallback:
-        log.info("dtype %s requested on %s: loading in float32 (cpu_float32_fallback)", dtype, device)
-        return "float32"
-    return dtype
 
 
 def _is_placeholder_token(tokenizer, token_id: int) -> bool:
@@ -401,6 +389,8 @@ def load_backbone(name: str, path: Path, device: str = "cpu", dtype: str = "floa
                                 "directory (see docs/real-backbones.md)")
     requested = entry.get("dtype", dtype)
     dtype = resolve_dtype(requested, device, cpu_float32_fallback)
+    if dtype != requested:
+        log.info("dtype %s requested on %s: loading in float32 (cpu_float32_fallback)", requested, device)
     model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype),
                                                           local_files_only=True).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

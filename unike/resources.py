@@ -107,17 +107,22 @@ def retry_growth(first: int, attempt: int) -> int:
     return first * 2 ** (attempt - 1)
 
 
-def load_dtype(config: Mapping, entry: Mapping) -> str:
-    """The dtype a backbone's weights live in: the entry's, else the config's; a half dtype
-    on the CPU loads in float32 unless cpu_float32_fallback is off (the rule of
-    unike.backbones.resolve_dtype, which imports torch)."""
-    dtype = entry.get("dtype", config.get("dtype", "float32"))
+def resolve_dtype(dtype: str, device: str, cpu_float32_fallback: bool = True) -> str:
+    """The dtype a backbone loads in: bf16/fp16 on a GPU; on the CPU fp32 (half precision
+    there is slow), unless `cpu_float32_fallback` is off: then the half dtype as asked, which
+    is how the GPU's half-precision path runs on a CPU (tests/test_bf16.py). Torch-free, so
+    job sizes (here) and the loader (unike.backbones) follow one rule."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(DTYPE_BYTES)}")
-    on_gpu = str(config.get("device", "cpu")).startswith("cuda")
-    if dtype != "float32" and not on_gpu and config.get("cpu_float32_fallback", True):
+    if dtype != "float32" and not str(device).startswith("cuda") and cpu_float32_fallback:
         return "float32"
     return dtype
+
+
+def load_dtype(config: Mapping, entry: Mapping) -> str:
+    """The dtype a backbone's weights live in: the entry's, else the config's, as resolved."""
+    return resolve_dtype(entry.get("dtype", config.get("dtype", "float32")), config.get("device", "cpu"),
+                         config.get("cpu_float32_fallback", True))
 
 
 @functools.cache
