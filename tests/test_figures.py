@@ -235,7 +235,9 @@ def test_figure4_points_come_from_the_methods_hyperparameters() -> None:
     assert points["a"]["latent-ike"][8] == "fig4a-latent-k8" and points["a"]["ike"][40] == "fig4a-ike-k40"
     assert points["b"]["fixed"][0.4] == "fig4b-alpha0.4" and points["b"]["adaptive"] == "unike"
     assert points["c"]["none"] == "fig4c-zeta-none" and points["c"]["truthfulness"] == "unike"
-    assert all(method_entry(config, m, backbone)["hparams"].get("top_k", 40) == k  # 40: UniKEHparams' default
+    from unike.method.editor import UniKEHparams
+
+    assert all(UniKEHparams(**method_entry(config, m, backbone)["hparams"]).top_k == k
                for k, m in points["a"]["latent-ike"].items())
     # Another K for one method moves its point: nothing else declares it.
     config["methods"]["fig4a-latent-k8"]["hparams"]["top_k"] = 12
