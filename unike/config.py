@@ -236,12 +236,10 @@ KNOWLEDGE_STAGE_KEYS = {"collect_triplets": ("n_triplets",), "extract_hidden_sta
 def prepare_settings(config: dict, method: str, backbone: str, task: str) -> dict:
     """A trained method's preparation (prepare_editor): its editor and what `prepare`
     reads of its hyperparameters (`Editor.prepare_key`), on the train split of the task."""
-    from unike.editing import parse_hparams, resolve_editor
+    from unike.editing import preparation
 
-    entry = method_entry(config, method, backbone)
-    cls = resolve_editor(entry["editor"])
-    key = cls.prepare_key(parse_hparams(cls.Hparams, entry["hparams"], f"methods.{method}"))
-    return {**model_settings(config, backbone), "task": task, "editor": entry["editor"], "prepare_key": repr(key)}
+    editor, key = preparation(method_entry(config, method, backbone), f"methods.{method}")
+    return {**model_settings(config, backbone), "task": task, "editor": editor, "prepare_key": key}
 
 
 def cell_settings(config: dict, cell: Cell) -> dict:

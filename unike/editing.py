@@ -143,6 +143,13 @@ def resolve_editor(spec: str) -> type[Editor]:
     return cls
 
 
+def preparation(entry: dict, owner: str) -> tuple[str, str]:
+    """What a method entry's `prepare` depends on of its entry: its editor and `prepare_key`.
+    Entries with equal preparations share one prepared folder."""
+    cls = resolve_editor(entry["editor"])
+    return entry["editor"], repr(cls.prepare_key(parse_hparams(cls.Hparams, entry.get("hparams", {}), owner)))
+
+
 def prepare_owners(methods: dict[str, dict]) -> dict[str, str]:
     """For each method that needs training, the method whose prepared folder it uses: the
     first method, in the config's order, with the same editor class and the same
@@ -152,9 +159,7 @@ def prepare_owners(methods: dict[str, dict]) -> dict[str, str]:
         cls = resolve_editor(methods[name]["editor"])
         if not cls.needs_training:
             continue
-        hparams = parse_hparams(cls.Hparams, methods[name].get("hparams", {}), name)
-        key = (methods[name]["editor"], repr(cls.prepare_key(hparams)))
-        owners[name] = first.setdefault(key, name)
+        owners[name] = first.setdefault(preparation(methods[name], name), name)
     return owners
 
 
