@@ -28,7 +28,7 @@ from reports.tables import (ABLATION_LABELS, ABLATIONS, METRIC_LABELS, PAPER_MET
 
 # Columns of the provenance table on the index page, in display order.
 PROVENANCE_COLUMNS: tuple[str, ...] = (
-    "run_id", "method", "backbone", "task", "regime", "n_edits", "config_hash", "code_version",
+    "run_id", "method", "backbone", "task", "regime", "seed", "n_edits", "config_hash", "code_version",
     "metric_version", "device", "dtype", "dtype_requested", "wall_s", "edit_s_mean", "peak_mem_mb",
 )
 _FLOAT_FORMATS = {"wall_s": "{:.1f}", "edit_s_mean": "{:.3f}", "peak_mem_mb": "{:.0f}"}

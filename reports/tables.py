@@ -6,18 +6,20 @@ it must never import torch, transformers or model code (a test enforces it).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Collection
 
 import numpy as np
 
 from reports.paper import paper_tables
-from reports.results import METRICS, Results
-from reports.stats import Estimate, estimate
+from reports.results import COLUMNS, EM_METRICS, METRICS, Results
+from reports.stats import Estimate, Sample, estimate
 from unike.grid import CROSS_10, CROSS_TASK, E_IC, E_VQA, ONE_STEP, REGIMES, SEQUENTIAL_REGIMES, TASKS
 
 METRIC_LABELS: dict[str, str] = {
     "rel": "Rel.", "t_gen": "T-Gen.", "m_gen": "M-Gen.", "t_loc": "T-Loc.", "m_loc": "M-Loc.",
+    "rel_em": "Rel. EM", "t_gen_em": "T-Gen. EM", "m_gen_em": "M-Gen. EM",
 }
 TASK_LABELS: dict[str, str] = {E_VQA: "E-VQA", E_IC: "E-IC", CROSS_TASK: "E-VQA + E-IC"}
 REGIME_LABELS: dict[str, str] = {r.name: f"{r.length}-step" if r.length > 1 else "one-step" for r in REGIMES.values()}
@@ -39,8 +41,24 @@ ABLATIONS: frozenset[str] = frozenset(ABLATION_LABELS) - {"unike"}
 PAPER_BACKBONE_ORDER: tuple[str, ...] = ("blip2-opt", "minigpt4")
 PAPER_BACKBONE_LABELS: dict[str, str] = {"blip2-opt": "BLIP-2 OPT", "minigpt4": "MiniGPT-4"}
 
-CI_NOTE = ("Ours: mean over edit cases [95% percentile-bootstrap CI, 1000 resamples of edit cases "
-           "(whole edit sequences in sequential and cross-task editing)].")
+CI_NOTE = ("Ours: mean over edit cases [95% percentile-bootstrap CI, 1000 resamples of independent units: "
+           "the cases of one fact, in sequential and cross-task editing whole edit sequences (merged where "
+           "they share a fact)]; over several seeds, the mean of the seeds' means, and the CI resamples seeds, "
+           "then units within each seed.")
+EM_NOTE = ("EM: exact match (every answer token right) of Rel., T-Gen. and M-Gen.; the other columns, like "
+           "the paper's numbers, are token accuracy, which credits an answer for the tokens it shares with "
+           "the target. The paper reports no exact match.")
+
+
+def seeds_note(samples: Iterable[Sample]) -> str:
+    """How many seeds are behind our values (empty when there are none of ours)."""
+    samples = list(samples)
+    if not samples:
+        return ""
+    counts = sorted({s.n_seeds for s in samples})
+    seeds = sorted({v for s in samples for v in s.seed_values})
+    per_cell = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"Seeds per cell of ours: {per_cell} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})."
 
 
 @dataclass(frozen=True)
@@ -72,7 +90,8 @@ class Row:
     method: str
     label: str
     cells: dict[str, tuple[Cell, ...]]  # block key -> one Cell per METRICS entry
-    n: dict[str, int]  # block key -> number of our edit cases behind the means (0: none)
+    em: dict[str, tuple[Estimate | None, ...]]  # block key -> ours per EM_METRICS entry (no paper value)
+    n: dict[str, int]  # block key -> number of our edit cases behind the means, all seeds (0: none)
 
 
 @dataclass(frozen=True)
@@ -99,6 +118,7 @@ class MetricTable:
     blocks: tuple[Block, ...]
     groups: tuple[BackboneGroup, ...]
     metrics: tuple[str, ...] = METRICS
+    em_metrics: tuple[str, ...] = EM_METRICS
 
     def row(self, backbone: str, method: str) -> Row:
         """Row for our backbone name (or a paper backbone name for paper-only groups)."""
@@ -111,6 +131,9 @@ class MetricTable:
 
     def cell(self, backbone: str, method: str, block: str, metric: str) -> Cell:
         return self.row(backbone, method).cells[block][METRICS.index(metric)]
+
+    def em(self, backbone: str, method: str, block: str, metric: str) -> Estimate | None:
+        return self.row(backbone, method).em[block][EM_METRICS.index(metric)]
 
 
 def method_label(method: str) -> str:
@@ -146,12 +169,11 @@ def backbone_groups(ours: Collection[str], paper: Collection[str],
     return specs
 
 
-def _estimates(results: Results, backbone: str | None, method: str,
-               block: Block) -> tuple[tuple[Estimate | None, ...], int]:
-    sample = results.get(backbone, method, block.task, block.regime) if backbone else None
+def _estimates(sample: Sample | None) -> dict[str, Estimate | None]:
+    """Ours per column of COLUMNS."""
     if sample is None:
-        return (None,) * len(METRICS), 0
-    return tuple(estimate([sample], w) for w in np.eye(len(METRICS))), sample.n_rows
+        return dict.fromkeys(COLUMNS)
+    return {c: estimate([sample], w) for c, w in zip(COLUMNS, np.eye(len(COLUMNS)))}
 
 
 @dataclass(frozen=True)
@@ -179,19 +201,27 @@ def _metric_table(results: Results, backbone_map: dict[str, str], spec: _Spec, i
     ours_backbones = {b for b, m in ours if grouping is None or m in grouping}
 
     groups = []
+    shown: list[Sample] = []
     for ours_b, paper_b in backbone_groups(ours_backbones, {b for b, _ in paper}, backbone_map):
         methods = {m for b, m in ours if b == ours_b} | {m for b, m in paper if b == paper_b and wanted(m)}
         rows = []
         for method in sorted(methods, key=lambda m: method_sort_key(m, spec.order)):
             cells: dict[str, tuple[Cell, ...]] = {}
+            em: dict[str, tuple[Estimate | None, ...]] = {}
             n: dict[str, int] = {}
             for block in spec.blocks:
-                estimates, n[block.key] = _estimates(results, ours_b, method, block)
+                sample = results.get(ours_b, method, block.task, block.regime) if ours_b else None
+                if sample is not None:
+                    shown.append(sample)
+                ests = _estimates(sample)
                 paper_vals = paper_tables().get((table_id, paper_b or "", block.task, block.regime, method), {})
-                cells[block.key] = tuple(Cell(e, paper_vals.get(m)) for e, m in zip(estimates, METRICS))
-            rows.append(Row(method, spec.labels.get(method, method_label(method)), cells, n))
+                cells[block.key] = tuple(Cell(ests[m], paper_vals.get(m)) for m in METRICS)
+                em[block.key] = tuple(ests[m] for m in EM_METRICS)
+                n[block.key] = 0 if sample is None else sample.n_rows
+            rows.append(Row(method, spec.labels.get(method, method_label(method)), cells, em, n))
         groups.append(BackboneGroup(ours_b, paper_b, tuple(rows)))
-    return MetricTable(spec.number, spec.title, spec.caption, spec.blocks, tuple(groups))
+    caption = " ".join(filter(None, (spec.caption, EM_NOTE, seeds_note(shown))))
+    return MetricTable(spec.number, spec.title, caption, spec.blocks, tuple(groups))
 
 
 _TASK_BLOCKS = tuple(Block(t, TASK_LABELS[t], t, ONE_STEP.name) for t in TASKS)

@@ -50,7 +50,21 @@ def test_skip_bad_records_skips_and_logs(tmp_path, world_dir, good_record, caplo
 def test_real_mmedit_records_without_case_id_get_stable_ids(tmp_path, world_dir, good_record):
     plain = {k: good_record[k] for k in FIELDS}
     path = write(tmp_path, [plain, plain])
-    assert [c.case_id for c in load_cases(path, "e-vqa", world_dir)] == ["vqa_eval-00000", "vqa_eval-00001"]
+    cases = load_cases(path, "e-vqa", world_dir)
+    assert [c.case_id for c in cases] == ["vqa_eval-00000", "vqa_eval-00001"]
+    # Without a fact_id each case is its own fact.
+    assert [c.fact_id for c in cases] == ["vqa_eval-00000", "vqa_eval-00001"]
+
+
+def test_fact_id_is_read_and_checked(tmp_path, world_dir, good_record):
+    plain = {k: good_record[k] for k in FIELDS}
+    records = [dict(plain, case_id="a", fact_id="c017-diet"), dict(plain, case_id="b", fact_id="c017-diet"),
+               dict(plain, case_id="c")]
+    cases = load_cases(write(tmp_path, records), "e-vqa", world_dir)
+    assert [c.fact_id for c in cases] == ["c017-diet", "c017-diet", "c"]
+    for bad in ("", 17):
+        with pytest.raises(DataError, match=r"record 1: field 'fact_id': expected a non-empty string"):
+            load_cases(write(tmp_path, [plain, dict(plain, fact_id=bad)]), "e-vqa", world_dir)
 
 
 def test_prompts_follow_easyedit_conventions(vqa_cases, caption_cases):

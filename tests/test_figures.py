@@ -50,15 +50,16 @@ SEQUENTIAL = ("ft", "ke", "tpatcher", "mend", "serac", "unike")
 
 def write_synthetic_run(out: Path, run_id: str, method: str, backbone: str, task: str, regime: str,
                         rows: list[dict]) -> tuple[Path, Path]:
-    """One run file pair; ``rows`` give case_id, task, sequence_id and the five metrics."""
+    """One run file pair; ``rows`` give case_id, task, sequence_id and the five metrics (each
+    case its own fact unless a row gives fact_id)."""
     prov = {
         "run_id": run_id, "method": method, "backbone": backbone, "task": task, "regime": regime,
         "seed": 0, "n_edits": len(rows), "config_hash": "cfg", "code_version": "v1", "metric_version": "1",
         "device": "cpu", "dtype": "float32", "dtype_requested": "float32", "wall_s": 1.0, "edit_s_mean": 0.01,
         "peak_mem_mb": 10.0,
     }
-    full = [{"run_id": run_id, "rel_em": r["rel"], "t_gen_em": r["t_gen"], "m_gen_em": r["m_gen"], "edit_s": 0.01, **r}
-            for r in rows]
+    full = [{"run_id": run_id, "fact_id": r["case_id"], "rel_em": r["rel"], "t_gen_em": r["t_gen"],
+             "m_gen_em": r["m_gen"], "edit_s": 0.01, **r} for r in rows]
     files = out / f"{run_id}.parquet", out / f"{run_id}.json"
     write_run(*files, full, prov)
     return files

@@ -4,6 +4,7 @@ import hashlib
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,8 @@ import pytest
 
 from reports.paper import paper_table5, paper_tables
 from reports.render import render_report, tex_escape
-from reports.results import SCORES, Results
-from reports.stats import Sample, estimate
+from reports.results import COLUMNS, SCORES, Results
+from reports.stats import RESAMPLES, SEED, Sample, components, estimate
 from reports.summary import table5
 from reports.tables import table1, table2, table3, table4
 from unike.store import aggregate, open_readonly, write_run
@@ -26,16 +27,17 @@ OUTPUTS = [f"tables/table{n}.{fmt}" for n in range(1, 6) for fmt in ("md", "html
 
 
 def _row(run_id: str, i: int, task: str, rel: float, seq: int | None = None, gen: float = 0.5,
-         loc: float = 1.0) -> dict:
+         loc: float = 1.0, fact: str | None = None) -> dict:
+    """A per-edit row; exact match is 1 where the token accuracy is."""
     return {
-        "run_id": run_id, "case_id": f"c{i}", "task": task, "sequence_id": i if seq is None else seq,
-        "rel": rel, "t_gen": gen, "m_gen": gen, "t_loc": loc, "m_loc": loc,
-        "rel_em": rel, "t_gen_em": gen, "m_gen_em": gen, "edit_s": 0.01,
+        "run_id": run_id, "case_id": f"c{i}", "fact_id": fact or f"c{i}", "task": task,
+        "sequence_id": i if seq is None else seq, "rel": rel, "t_gen": gen, "m_gen": gen, "t_loc": loc, "m_loc": loc,
+        "rel_em": float(rel == 1.0), "t_gen_em": float(gen == 1.0), "m_gen_em": float(gen == 1.0), "edit_s": 0.01,
     }
 
 
 def _run(tmp: Path, run_id: str, method: str, task: str, rows: list[dict] | list[float], regime: str = "one-step",
-         device: str = "cpu", backbone: str = "tiny-blip2-opt", dtype_requested: str = "float32"
+         device: str = "cpu", backbone: str = "tiny-blip2-opt", dtype_requested: str = "float32", seed: int = 0
          ) -> tuple[Path, Path]:
     """A run file pair; ``rows`` are per-edit rows, or just their rel values (one-step)."""
     if rows and not isinstance(rows[0], dict):
@@ -43,7 +45,7 @@ def _run(tmp: Path, run_id: str, method: str, task: str, rows: list[dict] | list
     rows = [{**r, "run_id": run_id} for r in rows]
     prov = {
         "run_id": run_id, "method": method, "backbone": backbone, "task": task, "regime": regime,
-        "seed": 0, "n_edits": len(rows), "config_hash": "cfg" + run_id, "code_version": "v1",
+        "seed": seed, "n_edits": len(rows), "config_hash": "cfg" + run_id, "code_version": "v1",
         "metric_version": "1", "device": device, "dtype": "float32", "dtype_requested": dtype_requested,
         "wall_s": 3.0, "edit_s_mean": 0.01, "peak_mem_mb": 100.0,
     }
@@ -71,9 +73,10 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _run(tmp, "ft-vqa-seq", "ft", "e-vqa", [0.0, 0.0], regime="seq-10"),
         _run(tmp, "new-vqa", "newbaseline", "e-vqa", [0.25, 0.25, 0.25], device="<gpu & co>",
              dtype_requested="bfloat16"),  # ran in float32: the CPU's fallback
-        # Table 2: two sequences of whole-sequence scores 100 and 0 -> 50; two seeds pool.
+        # Table 2: seed 0 has two sequences of whole-sequence scores 100 and 0 (mean 50), seed 1
+        # one of 100: the mean over seeds is 75.
         _run(tmp, "mend-seq10-s0", "mend", "e-ic", _seq_rows("e-ic", [[1.0, 1.0], [0.0, 0.0]]), "seq-10", backbone=mg),
-        _run(tmp, "mend-seq10-s1", "mend", "e-ic", _seq_rows("e-ic", [[0.5, 0.5]]), "seq-10", backbone=mg),
+        _run(tmp, "mend-seq10-s1", "mend", "e-ic", _seq_rows("e-ic", [[1.0, 1.0]]), "seq-10", backbone=mg, seed=1),
         # Table 3: one mixed score set over E-VQA and E-IC cases of the cross-task run.
         _run(tmp, "unike-cross", "unike", "cross-task",
              [_row("", 0, "e-vqa", 1.0, 0), _row("", 1, "e-ic", 0.0, 0), _row("", 2, "e-ic", 0.5, 0)],
@@ -110,6 +113,9 @@ def test_table1_values(results: Results) -> None:
     # Two cases (100, 50): a resample mean is 100, 75 or 50, each extreme with probability 1/4.
     assert (c.ours.lo, c.ours.hi) == (50.0, 100.0)
     assert t.row("tiny-blip2-opt", "ft").n == {"e-vqa": 2, "e-ic": 0}
+    # Exact match beside it: only the first case is exact.
+    assert t.em("tiny-blip2-opt", "ft", "e-vqa", "rel_em").mean == pytest.approx(50.0)
+    assert t.em("tiny-blip2-opt", "ft", "e-ic", "rel_em") is None
     assert t.cell("tiny-blip2-opt", "ft", "e-ic", "rel").ours is None
     assert t.cell("tiny-blip2-opt", "newbaseline", "e-vqa", "rel").paper is None
     # Paper-order rows first, the new baseline last; the ablation belongs to Table 4 only.
@@ -128,16 +134,19 @@ def test_table2_resamples_whole_sequences(results: Results) -> None:
     assert [g.label for g in t.groups] == ["tiny-minigpt4 (paper: MiniGPT-4)", "tiny-blip2-opt (not in paper)"]
     assert [r.method for r in t.groups[0].rows] == ["ft", "ke", "tpatcher", "mend", "serac", "unike"]
     c = t.cell("tiny-minigpt4", "mend", "e-ic/seq-10", "rel")
-    # Rows 100, 100, 0, 0 (seed 0) and 50, 50 (seed 1) pool to 50.
-    assert c.ours.mean == pytest.approx(50.0) and c.paper == 90.2
+    # Seeds weigh equally: rows 100, 100, 0, 0 (seed 0, mean 50) and 100, 100 (seed 1) give 75;
+    # pooling the six rows would give 66.7.
+    assert c.ours.mean == pytest.approx(75.0) and c.paper == 90.2
     assert t.row("tiny-minigpt4", "mend").n == {"e-vqa/seq-10": 0, "e-vqa/seq-20": 0, "e-ic/seq-10": 6,
                                                  "e-ic/seq-20": 0}
-    # Three units (the sequences, means 100, 0 and 50), so a resample mean is a multiple of 50/3;
-    # resampling the six cases one by one would also give odd multiples of 50/6, e.g. 8.3.
     sample = results.get("tiny-minigpt4", "mend", "e-ic", "seq-10")
-    assert sample.n_units == 3
+    assert (sample.n_units, sample.n_seeds) == (3, 2)
+    # A resample averages two drawn seeds, each a resample of its sequences (seed 0: 100 or 0 each,
+    # so 0, 50 or 100; seed 1: 100), so it is a multiple of 25; resampling cases would give odd
+    # multiples of 12.5 too. Below 50 only when seed 0 fills both draws: seeds are resampled.
     reps = set(np.round(sample.replicates[:, 0], 6))
-    assert reps <= {round(k * 50 / 3, 6) for k in range(7)} and len(reps) > 3
+    assert reps <= {25.0 * k for k in range(5)} and min(reps) < 50
+    assert "Seeds per cell of ours: 1-2 (seeds 0, 1)." in t.caption
     assert t.cell("tiny-blip2-opt", "ft", "e-vqa/seq-10", "rel").ours.mean == 0.0
     assert t.cell("tiny-blip2-opt", "ft", "e-vqa/seq-10", "rel").paper is None
 
@@ -171,8 +180,12 @@ def test_table5_weights_cells_equally(results: Results) -> None:
     assert t.cell("unike", "one-step", "generality").ours.mean == pytest.approx((50.0 + 50.0) / 2)
     assert t.cell("unike", "one-step", "locality").ours.mean == pytest.approx((100.0 + 50.0) / 2)
     assert rel.printed == 98.0 and rel.recomputed == pytest.approx(97.975)
-    # Sequential: only one cell of ours; the paper has no sequential IKE.
-    assert t.cell("mend", "sequential", "reliability").ours.mean == pytest.approx(50.0)
+    # Exact match, ours only: E-VQA cases are exact on Rel. (100) and on one of two generality
+    # rows (50), E-IC cases on neither (0); the cells average to 50 and 25.
+    assert [e.mean for e in unike.em["one-step"]] == [pytest.approx(50.0), pytest.approx(25.0)]
+    assert t.em_scores == ("reliability_em", "generality_em")
+    # Sequential: only one cell of ours (two seeds); the paper has no sequential IKE.
+    assert t.cell("mend", "sequential", "reliability").ours.mean == pytest.approx(75.0)
     assert t.row("mend").k == {"one-step": 0, "sequential": 1}
     assert t.cell("ike", "sequential", "reliability").printed is None
     assert [r.method for r in t.rows] == ["ft", "ke", "tpatcher", "mend", "ike", "serac", "unike", "newbaseline"]
@@ -194,14 +207,95 @@ def test_table5_recomputes_and_flags_the_paper() -> None:
 
 def test_bootstrap_is_deterministic_and_contains_the_mean() -> None:
     rng = np.random.default_rng(1)
-    values = rng.uniform(0, 100, size=(50, 5))
-    units = np.arange(50)
-    a = estimate([Sample("k", values, units)], SCORES["generality"])
-    b = estimate([Sample("k", values.copy(), units.copy())], SCORES["generality"])
+    values = rng.uniform(0, 100, size=(50, len(COLUMNS)))
+    units, seeds = np.arange(50), np.zeros(50, dtype=np.int64)
+    a = estimate([Sample("k", values, units, seeds)], SCORES["generality"])
+    b = estimate([Sample("k", values.copy(), units.copy(), seeds.copy())], SCORES["generality"])
     assert a == b and a.lo < a.mean < a.hi
     assert a.mean == pytest.approx(values[:, 1:3].mean())
     # The key seeds the resampling: another cell with the same data draws other resamples.
-    assert estimate([Sample("other", values, units)], SCORES["generality"]) != a
+    assert estimate([Sample("other", values, units, seeds)], SCORES["generality"]) != a
+
+
+def _sample(key: str, rel: list[float], seeds: list[int], facts: list[str], sequences: list[int] | None = None
+            ) -> Sample:
+    """A cell whose rows score ``rel`` (percent) and 0 elsewhere; one run per seed."""
+    values = np.zeros((len(rel), len(COLUMNS)))
+    values[:, 0] = rel
+    sequences = list(range(len(rel))) if sequences is None else sequences
+    return Sample.of_rows(key, values, seeds, facts, [(f"run{s}", q) for s, q in zip(seeds, sequences)])
+
+
+def test_components_join_rows_through_shared_keys() -> None:
+    # Rows 0 and 2 share "a", rows 2 and 4 share "c": one component; 1 and 3 stand alone.
+    assert components([("a",), ("b",), ("a", "c"), ("d",), ("c",)]).tolist() == [0, 1, 0, 2, 0]
+    assert components([]).tolist() == []
+
+
+def test_units_are_facts_and_sequences() -> None:
+    # One-step: the two cases of fact f1 are one unit.
+    one_step = _sample("k", [100, 100, 0, 0], [0] * 4, ["f1", "f1", "f2", "f3"])
+    assert one_step.units.tolist() == [0, 0, 1, 2] and one_step.n_units == 3
+    # Sequences 0 and 1 share fact g: one unit; sequence 2 is another.
+    seq = _sample("k", [100, 0, 100, 0, 50], [0] * 5, ["x", "g", "g", "y", "z"], sequences=[0, 0, 1, 1, 2])
+    assert seq.units.tolist() == [0, 0, 0, 0, 1] and seq.n_units == 2
+    # The same fact_id under another seed is another world's fact.
+    seeds = _sample("k", [100, 0], [0, 1], ["f", "f"])
+    assert seeds.n_units == 2 and (seeds.n_seeds, seeds.seed_values) == (2, (0, 1))
+    with pytest.raises(ValueError, match="spans several seeds"):
+        Sample("k", np.zeros((2, len(COLUMNS))), np.array([0, 0]), np.array([0, 1]))
+
+
+def test_shared_facts_resample_together() -> None:
+    # Fact A has two rows of 100, fact B one of 0. A resample draws two facts and pools their
+    # rows: {A, A} 100, {A, B} 200 / 3, {B, B} 0. Cases drawn one by one would give 100/3 too.
+    sample = _sample("k", [100, 100, 0], [0] * 3, ["A", "A", "B"])
+    assert set(np.round(sample.replicates[:, 0], 6)) == {0.0, round(200 / 3, 6), 100.0}
+    # Interval width: 20 facts of 5 identical cases each. Resampling facts is about sqrt(5) times
+    # wider than treating the 100 cases as independent.
+    rel = [100.0 * (f % 2) for f in range(20) for _ in range(5)]
+    facts = [f"f{f}" for f in range(20) for _ in range(5)]
+    by_fact = estimate([_sample("k", rel, [0] * 100, facts)], SCORES["reliability"])
+    by_case = estimate([_sample("k", rel, [0] * 100, [str(i) for i in range(100)])], SCORES["reliability"])
+    assert by_fact.mean == by_case.mean == 50.0
+    assert by_fact.hi - by_fact.lo > 1.8 * (by_case.hi - by_case.lo)
+
+
+def test_one_seed_resamples_units_as_before() -> None:
+    """One seed: the estimate is the mean over rows and the resamples are draws of U units."""
+    sample = _sample("cell", [100, 0, 50, 100], [3] * 4, ["a", "b", "a", "c"])
+    assert sample.means[0] == pytest.approx(62.5)
+    unit_sums, unit_rows = np.array([150.0, 0.0, 100.0]), np.array([2.0, 1.0, 1.0])
+    rng = np.random.default_rng([SEED, zlib.crc32(b"cell")])
+    draws = rng.multinomial(3, np.full(3, 1 / 3), size=RESAMPLES)
+    np.testing.assert_allclose(sample.replicates[:, 0], (draws @ unit_sums) / (draws @ unit_rows))
+
+
+def test_units_in_the_db_follow_facts_and_sequences(tmp_path: Path) -> None:
+    # One-step: cases c0 and c1 are two images of fact f; c2 is its own fact.
+    one_step = [_row("", 0, "e-vqa", 1.0, fact="f"), _row("", 1, "e-vqa", 1.0, fact="f"), _row("", 2, "e-vqa", 0.0)]
+    # seq-10: sequences 0 and 1 share fact g and merge; sequence 2 stands alone.
+    seq = [_row("", 0, "e-vqa", 1.0, 0, fact="g"), _row("", 1, "e-vqa", 1.0, 1, fact="g"), _row("", 2, "e-vqa", 0.0, 1),
+           _row("", 3, "e-vqa", 0.0, 2)]
+    files = [_run(tmp_path, "one", "ft", "e-vqa", one_step), _run(tmp_path, "seq", "ft", "e-vqa", seq, "seq-10")]
+    aggregate(files, tmp_path / "db.duckdb")
+    with open_readonly(tmp_path / "db.duckdb") as con:
+        results = Results.load(con)
+    assert results.get("tiny-blip2-opt", "ft", "e-vqa", "one-step").units.tolist() == [0, 0, 1]
+    assert results.get("tiny-blip2-opt", "ft", "e-vqa", "seq-10").units.tolist() == [0, 0, 0, 1]
+
+
+def test_several_seeds_mean_over_seeds_and_resample_them() -> None:
+    # Seed 0: four rows of 0; seed 1: one row of 100. Seeds weigh equally: 50 (pooled rows: 20).
+    sample = _sample("k", [0, 0, 0, 0, 100], [0, 0, 0, 0, 1], ["a", "b", "c", "d", "a"])
+    assert sample.means[0] == pytest.approx(50.0)
+    # No variance within a seed, so resampling units alone would give [50, 50]; drawing the two
+    # seeds gives 0 (both seed 0), 50 or 100 (both seed 1), with 0 and 100 a quarter each.
+    reps = sample.replicates[:, 0]
+    assert set(reps) == {0.0, 50.0, 100.0}
+    assert np.mean(reps == 0.0) == pytest.approx(0.25, abs=0.05)
+    e = estimate([sample], SCORES["reliability"])
+    assert (e.mean, e.lo, e.hi) == (50.0, 0.0, 100.0)
 
 
 def test_reference_is_packaged() -> None:
@@ -226,11 +320,21 @@ def test_rendered_files(out: Path) -> None:
         assert "<td class=\"method\">newbaseline</td>" in text
     assert r"75.0\,{\tiny[50.0, 100.0]}\,{\tiny(58.7)}" in tex and "\nnewbaseline & 25.0" in tex
     assert tex.startswith("\\begin{table*}") and r"\toprule" in tex and r"\bottomrule" in tex
-    assert r"\cmidrule(lr){2-7}\cmidrule(lr){8-13}" in tex
+    assert r"\cmidrule(lr){2-10}\cmidrule(lr){11-19}" in tex
+    # Exact match beside token accuracy, ours only: after FT's M-Loc. cell (paper 63.1), Rel. EM of
+    # cases 100 and 0 with no paper value; then T-Gen. EM, M-Gen. EM and n.
+    assert "(63.1, +36.9) | 50.0 [0.0, 100.0] | 0.0 [0.0, 0.0] | 0.0 [0.0, 0.0] | 2 |" in md
+    assert "| E-VQA M-Loc. | E-VQA Rel. EM | E-VQA T-Gen. EM | E-VQA M-Gen. EM | E-VQA n |" in md
+    assert '<th class="em">Rel. EM</th>' in html
+    assert '(63.1, +36.9)</small></td><td class="num em">50.0 <span class="ci">[0.0, 100.0]</span></td>' in html
+    assert r"{\tiny(63.1)} & 50.0\,{\tiny[0.0, 100.0]} & 0.0" in tex
+    assert "The paper reports no exact match." in md and "Seeds per cell of ours: 1 (seed 0)." in md
     assert "95% percentile-bootstrap CI" in md and r"95\% CI" in tex
 
     t5 = (out / "tables/table5.md").read_text(encoding="utf-8")
     assert "| UniKE | 50.0 [" in t5 and "(98.0 / 98.0, -48.0)" in t5
+    assert "(93.8 / 93.8, -18.8) | 50.0 [50.0, 50.0] | 25.0 [" in t5 and "One-step editing Reliability EM" in t5
+    assert "Seeds per cell of ours: 1-2 (seeds 0, 1)." in t5
     assert "(72.4† / 80.7" in t5 and "† KE, one-step editing, locality: the paper prints 72.4" in t5
     assert "$^\\dagger$" in (out / "tables/table5.tex").read_text(encoding="utf-8")
     assert '<td class="num flag">' in (out / "tables/table5.html").read_text(encoding="utf-8")

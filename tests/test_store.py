@@ -18,7 +18,7 @@ from unike.store import (
 
 def make_row(rid: str, i: int, **over) -> dict:
     row = {
-        "run_id": rid, "case_id": f"c{i:03d}", "task": "e-vqa", "sequence_id": i,
+        "run_id": rid, "case_id": f"c{i:03d}", "fact_id": f"f{i // 2}", "task": "e-vqa", "sequence_id": i,
         "rel": 1.0, "t_gen": 0.5, "m_gen": 0.25, "t_loc": 0.75, "m_loc": 0.0,
         "rel_em": 1.0, "t_gen_em": 0.0, "m_gen_em": 1, "edit_s": 0.125,
     }
@@ -54,7 +54,7 @@ def dump(db: Path) -> dict[str, list[tuple]]:
 @pytest.mark.parametrize(
     "field, value",
     [("rel", 1.5), ("m_loc", -0.1), ("t_gen", math.nan), ("rel_em", math.inf), ("task", "vqa"),
-     ("edit_s", -1.0), ("sequence_id", "3"), ("rel", "0.5"), ("rel", True), ("run_id", "other")],
+     ("edit_s", -1.0), ("sequence_id", "3"), ("rel", "0.5"), ("rel", True), ("run_id", "other"), ("fact_id", "")],
 )
 def test_bad_value_names_row_and_field(tmp_path: Path, field: str, value) -> None:
     rows = [make_row("r1", 0), make_row("r1", 1, **{field: value})]
@@ -94,8 +94,9 @@ def test_round_trip(tmp_path: Path) -> None:
     with open_readonly(db) as con:
         assert [d[0] for d in con.execute("SELECT * FROM edit_metrics").description] == list(EDIT_METRIC_COLUMNS)
         assert [d[0] for d in con.execute("SELECT * FROM runs").description] == [*RUN_COLUMNS, "provenance"]
-        cases = con.execute("SELECT run_id, case_id, rel, m_gen_em, sequence_id FROM edit_metrics").fetchall()
-        assert cases == [("r1", "c000", 0.5, 1.0, 0), ("r1", "c001", 1.0, 1.0, 1), ("r2", "c000", 1.0, 1.0, 0)]
+        cases = con.execute("SELECT run_id, case_id, fact_id, rel, m_gen_em, sequence_id FROM edit_metrics").fetchall()
+        assert cases == [("r1", "c000", "f0", 0.5, 1.0, 0), ("r1", "c001", "f0", 1.0, 1.0, 1),
+                         ("r2", "c000", "f0", 1.0, 1.0, 0)]
         run = con.execute("SELECT method, seed, wall_s, dtype, dtype_requested, provenance FROM runs "
                           "WHERE run_id = 'r1'").fetchone()
         assert run[:5] == ("ft", 0, 12.5, "float32", "bfloat16")

@@ -38,6 +38,9 @@ class Sample:
 @dataclass(frozen=True)
 class EditCase:
     case_id: str
+    # Cases that edit one fact (several images or phrasings of it) share a fact_id; the
+    # report resamples facts, not cases, since such cases are not independent.
+    fact_id: str
     task: str
     src: str
     pred: str
@@ -90,6 +93,8 @@ def _check_record(record, path: Path, index: int, image_root: Path) -> None:
     for f in ("src", "alt", "rephrase", "loc", "loc_ans", "m_loc_q", "m_loc_a"):
         if not record[f].strip():
             fail(f, "empty")
+    if "fact_id" in record and not (isinstance(record["fact_id"], str) and record["fact_id"].strip()):
+        fail("fact_id", f"expected a non-empty string, got {record['fact_id']!r}")
     for f in IMAGE_FIELDS:
         if not (image_root / record[f]).is_file():
             fail(f, f"image not found: {image_root / record[f]}")
@@ -120,7 +125,9 @@ def load_cases(path: Path, task: str, image_root: Path, skip_bad: bool = False, 
             skipped.append(str(e))
             continue
         fields = {f: (image_root / r[f] if f in IMAGE_FIELDS else r[f]) for f in FIELDS}
-        cases.append(EditCase(case_id=str(r.get("case_id") or f"{path.stem}-{i:05d}"), task=task, **fields))
+        case_id = str(r.get("case_id") or f"{path.stem}-{i:05d}")
+        # Real MMEdit records carry no fact_id: each case is its own fact.
+        cases.append(EditCase(case_id=case_id, fact_id=r.get("fact_id", case_id), task=task, **fields))
         if limit is not None and len(cases) >= limit:
             break
     if skipped:

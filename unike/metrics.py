@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-METRIC_VERSION = "tf-answer-tokens/1"
+# Versions the per-edit rows (definition and columns); it enters every cell's settings hash,
+# so rows of an older version are re-run and refused by aggregate. /2: rows carry fact_id.
+METRIC_VERSION = "tf-answer-tokens/2"
 ACCURACY_ROWS = ("rel", "t_gen", "m_gen")
 LOCALITY_ROWS = ("t_loc", "m_loc")
 

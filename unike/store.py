@@ -28,6 +28,7 @@ from unike.grid import REGIMES, RUN_TASKS, TASKS, case_tasks
 EDIT_METRIC_COLUMNS: dict[str, str] = {
     "run_id": "str",
     "case_id": "str",
+    "fact_id": "str",  # cases sharing one are not independent (see reports.stats)
     "task": "str",
     "sequence_id": "int64",
     "rel": "float64",
