@@ -31,8 +31,10 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         LAYOUT.report / "index.html",
-        # UniKE's per-backbone knowledge (its editor will consume it; built and checked now).
-        [str(LAYOUT.knowledge(b) / "encoders.json") for b in sorted({c.backbone for c in CELLS})]
+        # UniKE's per-backbone knowledge, in every seed's chain (its editor will consume it;
+        # built and checked now).
+        [str(layout.knowledge(b) / "encoders.json") for layout in CHAIN_LAYOUTS.values()
+         for b in sorted({c.backbone for c in CELLS})]
         if "knowledge" in config else [],
 
 

@@ -53,7 +53,7 @@ def test_the_walkthrough_module_and_config_are_valid():
 
 
 def _scheduled_edit_evals(output: str) -> list[tuple[str, str, str, str]]:
-    jobs = re.findall(r"rule edit_eval:\n(?:\s+\S.*\n)*?\s+wildcards: method=([^,]+), backbone=([^,]+), "
+    jobs = re.findall(r"rule edit_eval:\n(?:\s+\S.*\n)*?\s+wildcards: seed_dir=[^,]*, method=([^,]+), backbone=([^,]+), "
                       r"task=([^,]+), regime=([^,]+), seed=\d+", output)
     return sorted(jobs)
 

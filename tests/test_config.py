@@ -106,3 +106,57 @@ def test_bad_bases_are_named(config, methods, message):
     config["methods"].update(methods)
     with pytest.raises(ConfigError, match=message):
         load_config(config)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.update(extra_seeds=[1, 1]), r"at extra_seeds: .*non-unique"),
+    (lambda c: c.update(extra_seeds=[1, -2]), r"at extra_seeds/1: -2 is less than the minimum of 0"),
+    (lambda c: c.update(extra_seeds=[1, "2"]), r"at extra_seeds/1: '2' is not of type 'integer'"),
+    (lambda c: c.update(extra_seeds=[1, 2.5]), r"at extra_seeds/1: 2.5 is not of type 'integer'"),
+    (lambda c: c.update(extra_seeds=[True]), r"at extra_seeds/0: True is not of type 'integer'"),
+    (lambda c: c.update(extra_seeds=[2.0]), r"^extra_seeds\[0\]: 2.0 is not an integer$"),  # JSON Schema takes it
+    (lambda c: c.update(extra_seeds=3), r"at extra_seeds: 3 is not of type 'array'"),
+    (lambda c: c.update(extra_seeds=[1, 0]), r"^extra_seeds: 0 is already `seed`"),
+    (lambda c: c.update(seed=-1), r"at seed: -1 is less than the minimum of 0"),
+    (lambda c: c.update(seed=1.0), r"^seed: 1.0 is not an integer$"),
+])
+def test_bad_seeds_are_named(config, mutate, message):
+    mutate(config)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(config)
+    assert "\n" not in str(e.value)
+
+
+def test_each_seed_has_its_own_chain_config_and_hashes(config):
+    """An extra seed's chain is a single-seed run of that seed into out_dir/seed<n>: every
+    rule's settings hash reads the seed, so seeds share no output; adding seeds changes no
+    hash of `seed`'s chain, so a finished single-seed run is reused."""
+    from unike import config as settings
+    from unike.grid import Layout
+
+    single = load_config(copy.deepcopy(config))
+    config["extra_seeds"] = [1, 2]
+    seeded = load_config(config)
+    assert settings.seeds(seeded) == [0, 1, 2] and settings.seeds(single) == [0]
+    one = settings.seed_config(seeded, 1)
+    assert one["seed"] == 1 and one["out_dir"] == "results/seed1" and "extra_seeds" not in one
+    assert Layout(one).world == Path("results/seed1/world") and Layout(seeded).world == Path("results/world")
+    assert settings.seed_config(seeded, 0) is seeded
+    with pytest.raises(ConfigError, match=r"seed 3 is neither"):
+        settings.seed_config(seeded, 3)
+
+    cell = Cell("unike", "tiny-minigpt4", "e-vqa", "one-step")
+    hashes = [
+        settings.world_settings,
+        lambda c: settings.pretrain_settings(c, cell.backbone),
+        lambda c: settings.model_settings(c, cell.backbone),
+        lambda c: settings.eval_settings(c, cell.backbone, cell.task),
+        lambda c: settings.prepare_settings(c, cell.method, cell.backbone, cell.task),
+        lambda c: settings.cell_settings(c, cell),
+        *(lambda c, stage=stage: settings.knowledge_settings(c, cell.backbone, stage)
+          for stage in settings.KNOWLEDGE_STAGE_KEYS),
+    ]
+    for of in hashes:
+        per_seed = [settings.settings_hash(of(settings.seed_config(seeded, s))) for s in (0, 1, 2)]
+        assert len(set(per_seed)) == 3
+        assert per_seed[0] == settings.settings_hash(of(single))

@@ -66,6 +66,7 @@ def validate(config: dict) -> None:
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "<top>"
         raise ConfigError(f"config is invalid at {where}: {e.message}") from None
+    _check_seeds(config)
     expand_bases(config)
     for i, cell in enumerate(config["grid"]):
         for kind, known in (("methods", config["methods"]), ("backbones", config["backbones"])):
@@ -102,6 +103,36 @@ def validate(config: dict) -> None:
     data = config["data"]
     if data["source"] == "mmedit" and not {"annotations", "image_root"} <= set(data):
         raise ConfigError("data.source 'mmedit' needs data.annotations and data.image_root")
+
+
+def _check_seeds(config: dict) -> None:
+    """What the schema cannot say: a seed is a whole int (JSON Schema takes 1.0 for an
+    integer; it would name the folder seed1.0/), and `seed` is not listed again."""
+    extra = config.get("extra_seeds", [])
+    for where, seed in (("seed", config["seed"]), *((f"extra_seeds[{i}]", s) for i, s in enumerate(extra))):
+        if type(seed) is not int:
+            raise ConfigError(f"{where}: {seed!r} is not an integer")
+    if config["seed"] in extra:
+        raise ConfigError(f"extra_seeds: {config['seed']} is already `seed`; list only the other seeds")
+
+
+def seeds(config: dict) -> list[int]:
+    """Every seed the grid runs with: `seed`, then each of `extra_seeds`."""
+    return [config["seed"], *config.get("extra_seeds", [])]
+
+
+def seed_config(config: dict, seed: int) -> dict:
+    """The config of `seed`'s chain: the config itself for its `seed`; for one of its
+    `extra_seeds`, a single-seed run of that seed into its folder (Layout.seed_prefix).
+    Every step and settings hash of a chain reads its own seed; `extra_seeds` is in no
+    hash, so adding seeds reruns nothing of the existing chains."""
+    if seed == config["seed"]:
+        return config
+    if seed not in config.get("extra_seeds", []):
+        raise ConfigError(f"seed {seed} is neither `seed` nor one of `extra_seeds` ({seeds(config)})")
+    layout = Layout(config)
+    single = {k: v for k, v in config.items() if k != "extra_seeds"}
+    return {**single, "seed": seed, "out_dir": str(layout.out / layout.seed_prefix(seed))}
 
 
 def expand_bases(config: dict) -> None:

@@ -78,8 +78,15 @@ class Cell:
 class Layout:
     """Where each artifact lives under `out_dir`. The workflow's rules take their output
     patterns from the `*_PATTERN` strings (Snakemake wildcards in braces); the steps take
-    concrete paths from the methods, which fill in the same patterns."""
+    concrete paths from the methods, which fill in the same patterns.
 
+    Each seed has its own chain, world to runs: the config's `seed` directly under
+    `out_dir` (a single-seed run's paths do not change when seeds are added), each of its
+    `extra_seeds` under `out_dir/seed<n>/` (`seed_prefix`), laid out the same way: the
+    chain of an extra seed is a single-seed run into that folder (`unike.config.seed_config`).
+    The DB and the report, over every seed's runs, lie directly under `out_dir`."""
+
+    SEED_PATTERN = "seed{seed}/"
     WORLD = "world"
     BACKBONE_PATTERN = "backbones/{backbone}"
     DATA_PATTERN = "data/{backbone}"
@@ -96,8 +103,14 @@ class Layout:
         self.out = Path(config["out_dir"])
 
     def pattern(self, pattern: str, *parts: str) -> str:
-        """`pattern` under out_dir with its wildcards left in, for a rule's input/output."""
-        return str(self.out.joinpath(pattern, *parts))
+        """`pattern` in a seed's chain with its wildcards left in, for a rule's input/output;
+        it starts with the {seed_dir} wildcard, the chain's `seed_prefix`."""
+        return str(self.out.joinpath("{seed_dir}" + pattern, *parts))
+
+    def seed_prefix(self, seed: int) -> str:
+        """Where `seed`'s chain lies under out_dir, as a path prefix: "" for the config's
+        `seed`, `seed<n>/` for each of its `extra_seeds`."""
+        return "" if seed == self.config["seed"] else self.SEED_PATTERN.format(seed=seed)
 
     @property
     def world(self) -> Path:

@@ -10,7 +10,7 @@ rule pretrain_backbone:
         out(Layout.BACKBONE_PATTERN, "training.json"),
         out(Layout.BACKBONE_PATTERN, "unike_backbone.json"),
     params:
-        settings=lambda wc: settings.settings_hash(settings.pretrain_settings(config, wc.backbone)),
+        settings=lambda wc: settings.settings_hash(settings.pretrain_settings(chain_config(wc), wc.backbone)),
     log:
         log_file("pretrain_backbone", "{backbone}.log"),
     threads: THREADS
@@ -24,7 +24,7 @@ rule pretrain_backbone:
 def backbone_ready(wildcards):
     """The file that proves a backbone directory is usable: the pretraining output of a
     tiny backbone; the config.json of a local one (given, not built: see external_input)."""
-    path = LAYOUT.backbone_dir(wildcards.backbone)
+    path = chain_layout(wildcards).backbone_dir(wildcards.backbone)
     if config["backbones"][wildcards.backbone]["source"] == "local":
         return external_input(path / "config.json")
     return str(path / "unike_backbone.json")
@@ -38,7 +38,7 @@ rule mine_edits:
         out(Layout.DATA_PATTERN, "mining.json"),
         [out(Layout.DATA_PATTERN, name) for name in sorted(set(SPLIT_FILES.values()))],
     params:
-        settings=lambda wc: settings.settings_hash(settings.model_settings(config, wc.backbone)),
+        settings=lambda wc: settings.settings_hash(settings.model_settings(chain_config(wc), wc.backbone)),
     log:
         log_file("mine_edits", "{backbone}.log"),
     threads: THREADS

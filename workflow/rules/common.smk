@@ -15,12 +15,30 @@ THREADS = config["threads"]
 ON_GPU = config["device"].startswith("cuda")
 BACKBONES = sorted(config["backbones"])
 
+# Every seed runs its own chain (world to runs) through the same rules, reading that
+# seed's config (unike.config.seed_config): the paths of every rule but aggregate and
+# report start with the {seed_dir} wildcard, "" for `seed` and "seed<n>/" for each of
+# `extra_seeds` (unike.grid.Layout).
+CHAINS = {LAYOUT.seed_prefix(seed): settings.seed_config(config, seed) for seed in settings.seeds(config)}
+CHAIN_LAYOUTS = {seed_dir: Layout(seeded) for seed_dir, seeded in CHAINS.items()}
+
+
+def chain_config(wildcards):
+    """The config of the job's seed: what its settings hash reads."""
+    return CHAINS[wildcards.seed_dir]
+
+
+def chain_layout(wildcards):
+    """The layout of the job's seed: where its inputs lie."""
+    return CHAIN_LAYOUTS[wildcards.seed_dir]
+
 
 def _alternatives(names):
     return "|".join(re.escape(n) for n in names)
 
 
 wildcard_constraints:
+    seed_dir=f"(?:{_alternatives(CHAINS)})",  # grouped: an empty constraint would mean Snakemake's default .+
     backbone=_alternatives(BACKBONES),
     method=_alternatives(sorted(config["methods"])),
     task=_alternatives(RUN_TASKS),
@@ -29,34 +47,46 @@ wildcard_constraints:
 
 
 def out(pattern, *parts):
-    """An output path pattern of unike.grid.Layout under out_dir (wildcards left in)."""
+    """An output path pattern of unike.grid.Layout in a seed's chain (wildcards left in)."""
     return LAYOUT.pattern(pattern, *parts)
 
 
 def log_file(rule, *parts):
+    """The log of a job of a seed's chain."""
     return LAYOUT.pattern(Layout.LOG_PATTERN.format(rule=rule), *parts)
 
 
-# The steps read the exact config Snakemake validated (merged --configfile/--config),
-# written once per content change so its timestamp does not trigger reruns.
-EFFECTIVE_CONFIG = Path(OUT) / "config.effective.yaml"
-_text = yaml.safe_dump(config, sort_keys=False)  # method order decides prepared-folder owners
-if not EFFECTIVE_CONFIG.exists() or EFFECTIVE_CONFIG.read_text(encoding="utf-8") != _text:
-    EFFECTIVE_CONFIG.parent.mkdir(parents=True, exist_ok=True)
-    EFFECTIVE_CONFIG.write_text(_text, encoding="utf-8")
+def top_log(rule):
+    """The log of a job over every seed (aggregate, report), under out_dir itself."""
+    return str(LAYOUT.out / Layout.LOG_PATTERN.format(rule=rule)) + ".log"
+
+
+# The steps read the exact config Snakemake validated (merged --configfile/--config), as
+# their seed's chain runs it, written into the chain's folder once per content change so
+# its timestamp does not trigger reruns.
+EFFECTIVE_CONFIG = "config.effective.yaml"
+for _chain in CHAINS.values():
+    _path = Path(_chain["out_dir"]) / EFFECTIVE_CONFIG
+    _text = yaml.safe_dump(_chain, sort_keys=False)  # method order decides prepared-folder owners
+    if not _path.exists() or _path.read_text(encoding="utf-8") != _text:
+        _path.parent.mkdir(parents=True, exist_ok=True)
+        _path.write_text(_text, encoding="utf-8")
 
 # Jobs run the interpreter that runs Snakemake (a job's PATH may not hold the venv's
-# `python`). The command text names {PYTHON} and {CONFIG_FILE}, which Snakemake fills in
-# when it runs the job: its code-change trigger compares the text, so another venv or
-# out_dir does not count as changed code. Every path is shell-quoted.
+# `python`). The command text names {PYTHON}, {OUT_DIR} and {CONFIG_FILE}, which Snakemake
+# fills in when it runs the job: its code-change trigger compares the text, so another
+# venv or out_dir does not count as changed code. Every path is shell-quoted.
 PYTHON = shlex.quote(sys.executable)
-CONFIG_FILE = shlex.quote(str(EFFECTIVE_CONFIG))
+OUT_DIR = shlex.quote(OUT)
+CONFIG_FILE = shlex.quote(str(Path(OUT) / EFFECTIVE_CONFIG))  # aggregate's and report's: every seed's runs
 
 
 def unike(step, *options):
-    """The shell command of a step: `python -m unike STEP --config ... --OPTION {wildcards.OPTION:q} ...`."""
+    """The shell command of a step of a seed's chain, with the chain's config:
+    `python -m unike STEP --config ... --OPTION {wildcards.OPTION:q} ...`."""
     flags = "".join(f" --{o} {{wildcards.{o}:q}}" for o in options)
-    return f"{{PYTHON}} -m unike {step} --config {{CONFIG_FILE}}{flags} > {{log:q}} 2>&1"
+    return (f"{{PYTHON}} -m unike {step} --config {{OUT_DIR}}/{{wildcards.seed_dir}}{EFFECTIVE_CONFIG}{flags}"
+            " > {log:q} 2>&1")
 
 
 def external_input(path):
@@ -65,9 +95,10 @@ def external_input(path):
     return [str(path)] if Path(path).exists() else []
 
 
-def annotation_files(backbone, tasks, split):
-    """The MMEdit split files of `tasks`: mined by the DAG (tiny world) or given (mmedit)."""
-    paths = [LAYOUT.annotations(backbone) / SPLIT_FILES[(t, split)] for t in tasks]
+def annotation_files(wildcards, tasks, split):
+    """The MMEdit split files of `tasks` for the job's backbone: mined by the DAG in the
+    job's seed's chain (tiny world) or given (mmedit)."""
+    paths = [chain_layout(wildcards).annotations(wildcards.backbone) / SPLIT_FILES[(t, split)] for t in tasks]
     if config["data"]["source"] == "mmedit":
         return [f for p in paths for f in external_input(p)]
     return [str(p) for p in paths]
@@ -152,5 +183,5 @@ def knowledge_files(wildcards):
     """UniKE's per-backbone knowledge, for editors that need it."""
     if not editor_flag(wildcards.method, "needs_knowledge"):
         return []
-    folder = LAYOUT.knowledge(wildcards.backbone)
+    folder = chain_layout(wildcards).knowledge(wildcards.backbone)
     return [str(folder / "hidden_states.safetensors"), str(folder / "encoders.safetensors")]

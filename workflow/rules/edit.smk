@@ -4,11 +4,11 @@
 rule cache_pre_edit:
     input:
         backbone=backbone_ready,
-        split=lambda wc: annotation_files(wc.backbone, [wc.task], "eval"),
+        split=lambda wc: annotation_files(wc, [wc.task], "eval"),
     output:
         out(Layout.PRE_EDIT_PATTERN),
     params:
-        settings=lambda wc: settings.settings_hash(settings.eval_settings(config, wc.backbone, wc.task)),
+        settings=lambda wc: settings.settings_hash(settings.eval_settings(chain_config(wc), wc.backbone, wc.task)),
     log:
         log_file("cache_pre_edit", "{backbone}", "{task}.log"),
     threads: THREADS
@@ -24,19 +24,19 @@ rule cache_pre_edit:
 
 
 def pre_edit_files(wildcards):
-    return [str(LAYOUT.pre_edit(wildcards.backbone, t)) for t in case_tasks(wildcards.task)]
+    return [str(chain_layout(wildcards).pre_edit(wildcards.backbone, t)) for t in case_tasks(wildcards.task)]
 
 
 rule prepare_editor:
     input:
         backbone=backbone_ready,
-        splits=lambda wc: annotation_files(wc.backbone, case_tasks(wc.task), "train"),
+        splits=lambda wc: annotation_files(wc, case_tasks(wc.task), "train"),
         knowledge=knowledge_files,
     output:
         out(Layout.PREPARED_PATTERN, "prepared.json"),
     params:
         settings=lambda wc: settings.settings_hash(
-            settings.prepare_settings(config, wc.method, wc.backbone, wc.task)),
+            settings.prepare_settings(chain_config(wc), wc.method, wc.backbone, wc.task)),
     log:
         log_file("prepare_editor", "{method}", "{backbone}", "{task}.log"),
     threads: THREADS
@@ -55,21 +55,22 @@ def prepared_editor(wildcards):
     if not editor_flag(wildcards.method, "needs_training"):
         return []
     owner = prepare_owners(wildcards.backbone)[wildcards.method]
-    return [str(LAYOUT.prepared(owner, wildcards.backbone, wildcards.task) / "prepared.json")]
+    return [str(chain_layout(wildcards).prepared(owner, wildcards.backbone, wildcards.task) / "prepared.json")]
 
 
 rule edit_eval:
     input:
         backbone=backbone_ready,
         pre_edit=pre_edit_files,
-        splits=lambda wc: annotation_files(wc.backbone, case_tasks(wc.task), "eval"),
+        splits=lambda wc: annotation_files(wc, case_tasks(wc.task), "eval"),
         prepared=prepared_editor,
         knowledge=knowledge_files,
     output:
         parquet=out(Layout.RUN_PATTERN + ".parquet"),
         provenance=out(Layout.RUN_PATTERN + ".json"),
     params:
-        settings=lambda wc: settings.cell_config_hash(config, Cell(wc.method, wc.backbone, wc.task, wc.regime)),
+        settings=lambda wc: settings.cell_config_hash(chain_config(wc),
+                                                      Cell(wc.method, wc.backbone, wc.task, wc.regime)),
     log:
         log_file("edit_eval", "{method}", "{backbone}", "{task}", "{regime}", "seed{seed}.log"),
     threads: THREADS
@@ -84,4 +85,5 @@ rule edit_eval:
         unike("edit-eval", "method", "backbone", "task", "regime")
 
 
-RUN_FILES = [str(LAYOUT.run_stem(c).with_suffix(".parquet")) for c in CELLS]
+# Every seed's runs: aggregate puts them all into the one DB.
+RUN_FILES = [str(layout.run_stem(c).with_suffix(".parquet")) for layout in CHAIN_LAYOUTS.values() for c in CELLS]

@@ -4,13 +4,13 @@
 
 
 def knowledge_hash(stage):
-    return lambda wc: settings.settings_hash(settings.knowledge_settings(config, wc.backbone, stage))
+    return lambda wc: settings.settings_hash(settings.knowledge_settings(chain_config(wc), wc.backbone, stage))
 
 
 rule collect_triplets:
     input:
         backbone=backbone_ready,
-        splits=lambda wc: annotation_files(wc.backbone, case_tasks(CROSS_TASK), "train"),
+        splits=lambda wc: annotation_files(wc, case_tasks(CROSS_TASK), "train"),
     output:
         out(Layout.KNOWLEDGE_PATTERN, "triplets.json"),
     params:

@@ -4,7 +4,8 @@ from reports.outputs import report_files
 
 localrules: aggregate, report
 
-# Figure 5a plots UniKE's knowledge spaces (t-SNE), one file per backbone of the grid.
+# Figure 5a plots UniKE's knowledge spaces (t-SNE), one file per backbone of the grid, of
+# `seed`'s chain (the figure shows one space per backbone; other seeds' are not embedded).
 SPACES = ([str(LAYOUT.knowledge(b) / "spaces.parquet") for b in sorted({c.backbone for c in CELLS})]
           if "knowledge" in config else [])
 FIGURE4 = settings.figure4_points(config)
@@ -16,7 +17,7 @@ rule aggregate:
     output:
         str(LAYOUT.db),
     log:
-        log_file("aggregate.log"),
+        top_log("aggregate"),
     shell:
         "{PYTHON} -m unike aggregate --config {CONFIG_FILE} {input:q} > {log:q} 2>&1"
 
@@ -36,6 +37,6 @@ rule report:
             "methods": {m: e.get("paper_name") for m, e in config["methods"].items()},
         }),
     log:
-        log_file("report.log"),
+        top_log("report"),
     shell:
         "{PYTHON} -m unike report --config {CONFIG_FILE} --spaces {input.spaces:q} > {log:q} 2>&1"

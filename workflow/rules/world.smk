@@ -7,7 +7,7 @@ rule make_world:
     output:
         [out(Layout.WORLD, name) for name in WORLD_FILES],
     params:
-        settings=settings.settings_hash(settings.world_settings(config)),
+        settings=lambda wc: settings.settings_hash(settings.world_settings(chain_config(wc))),
     log:
         log_file("make_world") + ".log",
     resources:
