@@ -288,7 +288,7 @@ def make_cases(config: dict, root: Path, n_eval: int, n_train: int) -> Cases:
     """E-VQA train and eval cases of a fresh tiny world (no pretraining corpus)."""
     world = WorldConfig.from_dict({"seed": config["seed"], **config.get("world", {}), "pretrain_images_per_creature": 0,
                                    "n_pretrain_scenes": 0, "n_vqa_eval": n_eval, "n_vqa_train": n_train,
-                                   "n_caption_eval": 0, "n_caption_train": 0})
+                                   "n_caption_eval": 0, "n_caption_train": 0, "n_context": 0})
     generate_world(root, world)
     return Cases(world, load_cases(root / SPLIT_FILES[(TASK, "train")], TASK, root),
                  load_cases(root / SPLIT_FILES[(TASK, "eval")], TASK, root))

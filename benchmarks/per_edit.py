@@ -149,8 +149,8 @@ class FullModelUniKE(UniKE):
 
 
 # A small tiny world: enough train cases for a knowledge memory, eval cases to edit.
-UNIKE_WORLD = dict(n_creatures=12, n_changed=6, pretrain_images_per_creature=2, n_pretrain_scenes=12,
-                   n_vqa_eval=20, n_caption_eval=20, n_vqa_train=24, n_caption_train=16, seed=1)
+UNIKE_WORLD = dict(n_creatures=12, n_familiar=8, n_changed=4, n_eval_subjects=3, pretrain_images_per_creature=2, n_pretrain_scenes=12,
+                   n_vqa_eval=20, n_caption_eval=20, n_vqa_train=24, n_caption_train=16, n_context=40, seed=1)
 
 
 def deep_unike_setup(root: Path, arch: TinyArch, edited: int, hparams: dict, n_eval: int, seed: int = 0) -> dict:

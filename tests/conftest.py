@@ -13,8 +13,9 @@ from unike.data import load_cases
 from unike.tiny import TinyArch, build_model, build_tokenizer
 from unike.world import WorldConfig, generate_world, vocabulary
 
-SMALL_WORLD = dict(n_creatures=8, n_changed=4, pretrain_images_per_creature=2, n_pretrain_scenes=12,
-                   n_vqa_eval=6, n_caption_eval=4, n_vqa_train=8, n_caption_train=8, seed=1)
+SMALL_WORLD = dict(n_creatures=14, n_familiar=8, n_changed=4, n_eval_subjects=4, pretrain_images_per_creature=2,
+                   n_pretrain_scenes=12, n_vqa_eval=6, n_caption_eval=4, n_vqa_train=8, n_caption_train=6,
+                   n_context=40, seed=1)
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -50,7 +50,7 @@ def test_a_missing_pre_edit_cache_says_which_step_makes_it(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     world = tmp_path / "out" / "world"
     generate_world(world, WorldConfig.from_dict({"seed": 0, **config["world"], "n_pretrain_scenes": 2,
-                                                 "pretrain_images_per_creature": 1}))
+                                                 "pretrain_images_per_creature": 1, "n_context": 0}))
     data = tmp_path / "out" / "data" / "tiny-minigpt4"
     data.mkdir(parents=True)
     (data / "vqa_eval.json").write_text((world / "vqa_eval.json").read_text())

@@ -1,9 +1,8 @@
-"""IKE on untrained tiny backbones (retrieval, context fitting, protocol) and the tiny
-world's in-context pretraining records (same format as IKE's prompts)."""
+"""IKE on untrained tiny backbones (retrieval, context fitting, protocol). The tiny world's
+context records, in the same format, are tested in tests/test_world.py."""
 
 import json
 import logging
-import re
 
 import pytest
 import torch
@@ -17,25 +16,10 @@ from unike.incontext import (
     BANK_TENSORS,
     DEMO_SEPARATOR,
     SentenceEmbedder,
-    demonstration,
     own_demonstration,
     render,
     retrieval_query,
-    stated_fact,
 )
-from unike.tiny import build_tokenizer, corpus_samples
-from unike.world import (
-    INCONTEXT_SEPARATOR,
-    WorldConfig,
-    generate_world,
-    incontext_demo,
-    incontext_fact,
-    make_creatures,
-    tokenize,
-    vocabulary,
-)
-
-from tests.conftest import SMALL_WORLD
 
 
 @pytest.fixture(scope="module")
@@ -168,75 +152,3 @@ def test_hparams_are_checked(backbone, bank):
         IKE(backbone, {"topk": 3}, bank)
     with pytest.raises(ValueError, match="embedded with"):
         IKE(backbone, {"embedder": "/elsewhere"}, bank)
-
-
-# ---------------------------------------------------------------- in-context pretraining records
-def test_world_and_ike_share_one_prompt_format():
-    assert incontext_fact("F", "a", "P") == stated_fact("F", "a", "P")
-    assert incontext_demo("F", "a", "P", "b") == demonstration("F", "a", "P", "b")
-    assert INCONTEXT_SEPARATOR == DEMO_SEPARATOR
-
-
-@pytest.fixture(scope="module")
-def incontext_world(tmp_path_factory):
-    cfg = WorldConfig.from_dict({**SMALL_WORLD, "n_pretrain_incontext": 120})
-    out = tmp_path_factory.mktemp("incontext_world")
-    generate_world(out, cfg)
-    return cfg, out
-
-
-def test_incontext_records_leave_the_rest_of_the_world_unchanged(incontext_world, world_dir):
-    cfg, out = incontext_world
-    assert WorldConfig().n_pretrain_incontext == 0
-    for name in ("vqa_eval.json", "vqa_train.json", "caption_eval_edit.json", "caption_train_edit.json"):
-        assert (out / name).read_bytes() == (world_dir / name).read_bytes()
-    for name, n in (("pretrain.json", 120), ("pretrain_eval.json", 15)):
-        ours, plain = json.loads((out / name).read_text()), json.loads((world_dir / name).read_text())
-        assert ours[: len(plain)] == plain and len(ours) == len(plain) + n
-        assert all(r["kind"] == "incontext" for r in ours[len(plain):])
-
-
-def test_incontext_records_follow_the_stated_fact_or_the_old_world(incontext_world):
-    cfg, out = incontext_world
-    creatures = make_creatures(cfg)
-    records = [r for r in json.loads((out / "pretrain.json").read_text()) if r["kind"] == "incontext"]
-    assert {r["topic"] for r in records} == {"incontext-new", "incontext-keep"}
-    assert any(r["image"] for r in records) and any(r["image"] is None for r in records)
-    assert any(DEMO_SEPARATOR in r["prompt"] for r in records)
-    for r in records:
-        head, _, query = r["prompt"].rpartition(DEMO_SEPARATOR)
-        fact, prompt = query.split("\nPrompt: ")
-        fact_answer = fact.split(" Short answer: ")[-1] if "Short answer:" in fact else None
-        if r["topic"] == "incontext-new" and fact_answer is not None:
-            assert r["answer"] == fact_answer
-        # No stated fact, demonstration or answer gives a changed creature its current value.
-        for piece in [p for p in (head.split(DEMO_SEPARATOR) if head else [])] + [query + " " + r["answer"]]:
-            words = tokenize(piece)
-            for c in creatures:
-                if c.changed_fact == "habitat" and c.name in words:
-                    assert f"a {c.name} in the {c.current('habitat')}" not in piece
-        pictured = re.search(r"/c(\d{3})_", r["image"] or "")
-        if pictured:
-            c = creatures[int(pictured.group(1))]
-            if c.changed_fact:
-                assert c.current(c.changed_fact) not in tokenize(r["answer"])
-        assert len(tokenize(r["prompt"])) + len(tokenize(r["answer"])) <= 224
-
-
-def test_incontext_records_tokenize_and_fit_the_tiny_context(incontext_world):
-    from tests.conftest import make_backbone
-
-    cfg, out = incontext_world
-    vocab = vocabulary(cfg)
-    assert {"new", "fact", "prompt"} <= set(vocab)
-    tok = build_tokenizer(vocab)
-    records = [r for r in json.loads((out / "pretrain.json").read_text()) if r["kind"] == "incontext"]
-    ids = tok([r["prompt"] + " " + r["answer"] for r in records], add_special_tokens=False)["input_ids"]
-    assert all(tok.unk_token_id not in row for row in ids)
-    backbone = make_backbone(cfg, "llama")
-    samples = corpus_samples(records, out)
-    assert all(s.prompt == r["prompt"] for s, r in zip(samples, records))  # not wrapped again
-    limit = backbone.model.config.text_config.max_position_embeddings
-    assert max(len(backbone.sample_ids(s)[0]) for s in samples) <= limit
-    batch = backbone.encode(samples[:4])
-    assert backbone.logits(batch).shape[0] == 4

@@ -13,10 +13,14 @@ from PIL import Image
 
 from unike.world import (
     CAPTION_REPHRASE_TEMPLATES,
+    CONTEXT_TOPICS,
+    DEMO_SEPARATOR,
     MMEDIT_FIELDS,
     REPHRASE_TEMPLATES,
     WorldConfig,
+    edit_facts,
     generate_world,
+    make_creatures,
     tokenize,
     vocabulary,
 )
@@ -25,6 +29,7 @@ from unike.world import _static_vocabulary
 from tests.conftest import SMALL_WORLD
 
 EDIT_FILES = ("vqa_train.json", "vqa_eval.json", "caption_train_edit.json", "caption_eval_edit.json")
+CONTEXT_FILES = ("context.json", "context_eval.json")
 CREATURE_IMG = re.compile(r"images/(creatures|rephrase)/c(\d{3})_")
 
 
@@ -62,7 +67,7 @@ def test_edit_records_schema(world_dir):
         ids = [r["case_id"] for r in records]
         assert len(set(ids)) == len(ids)
         for r in records:
-            assert set(r) == set(MMEDIT_FIELDS) | {"case_id"}
+            assert set(r) == set(MMEDIT_FIELDS) | {"case_id", "fact_id"}
             assert all(isinstance(v, str) and v for v in r.values())
             for key in ("image", "image_rephrase", "m_loc"):
                 assert (world_dir / r[key]).is_file()
@@ -86,19 +91,21 @@ def test_edits_are_changes_and_splits_disjoint(world_dir):
             idx = creature_of(r["image"])
             assert idx == creature_of(r["image_rephrase"])
             c = creatures[idx]
-            assert c["split"] == split and c["changed_fact"] is not None
+            assert c["split"] == split and c["changed_facts"]
+            assert r["fact_id"] == f"c{idx:03d}-" + ("caption" if name.startswith("caption") else
+                                                     next(f for f in c["changed_facts"] if c["current"][f] == r["alt"]))
             split_of.setdefault(idx, set()).add(split)
-            # loc is about an unchanged creature.
+            # loc is about an unchanged creature of the split's own locality pool.
             loc_names = [u["name"] for u in creatures if u["name"] in tokenize(r["loc"])]
             assert len(loc_names) == 1
-            assert next(u for u in creatures if u["name"] == loc_names[0])["changed_fact"] is None
+            assert next(u for u in creatures if u["name"] == loc_names[0])["split"] == f"loc-{split}"
     assert all(len(s) == 1 for s in split_of.values())
     train = {i for i, s in split_of.items() if s == {"train"}}
     evals = {i for i, s in split_of.items() if s == {"eval"}}
     assert train and evals and not train & evals
 
 
-def test_pretrain_has_only_old_facts(world_dir):
+def test_pretrain_has_only_old_facts_of_familiar_creatures(world_dir):
     creatures = load(world_dir, "world.json")["creatures"]
     by_name = {c["name"]: c for c in creatures}
     for name in ("pretrain.json", "pretrain_eval.json"):
@@ -108,10 +115,9 @@ def test_pretrain_has_only_old_facts(world_dir):
             if c is None:
                 named = [by_name[t] for t in tokenize(r["prompt"]) if t in by_name]
                 c = named[0] if named else None
-            if c is None or c["changed_fact"] is None:
-                continue
-            fact = c["changed_fact"]
-            assert c["current"][fact] not in tokenize(r["answer"]), r
+            assert c is None or c["familiar"], r
+            for fact in (c or {}).get("changed_facts", ()):
+                assert c["current"][fact] not in r["answer"], r
 
 
 def test_rephrase_templates_never_src(world_dir):
@@ -122,7 +128,7 @@ def test_rephrase_templates_never_src(world_dir):
             assert r["src"] not in held_out
             assert r["rephrase"] in held_out
             if name.startswith("caption"):
-                assert creatures[creature_of(r["image"])]["changed_fact"] == "habitat"
+                assert len(tokenize(r["alt"])) >= 6 and creatures[creature_of(r["image"])]["changed_facts"]
     # ... but the rephrase templates are part of the pretraining corpus.
     prompts = {r["prompt"] for r in load(world_dir, "pretrain.json")}
     assert held_out <= prompts
@@ -162,10 +168,15 @@ def test_from_dict_rejects_unknown_key():
         WorldConfig.from_dict({"n_creaturez": 3})
 
 
-@pytest.mark.parametrize("bad", [dict(n_changed=3), dict(n_changed=30), dict(image_size=16),
-                                 dict(n_creatures=100, n_changed=4)])
-def test_config_validation(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, key", [(dict(n_eval_subjects=0), "n_eval_subjects"),
+                                      (dict(n_creatures=96, n_changed=40, n_eval_subjects=40), "n_eval_subjects"),
+                                      (dict(image_size=16), "image_size"),
+                                      (dict(n_creatures=400), "n_creatures"),
+                                      (dict(n_familiar=400), "n_familiar"),
+                                      (dict(n_changed=95), "n_changed"),
+                                      (dict(n_context=-1), "n_context")])
+def test_config_validation(bad, key):
+    with pytest.raises(ValueError, match=f"WorldConfig.{key} "):
         WorldConfig(**bad)
 
 
@@ -175,7 +186,7 @@ def test_vocabulary_covers_outputs(world_dir, cfg):
     assert {"?", ":"} <= set(vocab)
     vocab_set = set(vocab)
     texts = []
-    for name in ("pretrain.json", "pretrain_eval.json"):
+    for name in ("pretrain.json", "pretrain_eval.json") + CONTEXT_FILES:
         texts += [t for r in load(world_dir, name) for t in (r["prompt"], r["answer"])]
     for name in EDIT_FILES:
         texts += [r[k] for r in load(world_dir, name) for k in MMEDIT_FIELDS
@@ -195,3 +206,108 @@ def test_names_unique_and_distinct_from_vocabulary(world_dir, cfg):
     # Regenerating with another seed changes the world.
     other = vocabulary(WorldConfig.from_dict({**SMALL_WORLD, "seed": SMALL_WORLD["seed"] + 1}))
     assert other != vocabulary(cfg)
+
+
+def edit_inputs(world_dir: Path, split: str) -> set[tuple[str | None, str]]:
+    """Every (image, prompt) an editor is given or scored on in a split's edit files:
+    the edit input, both generality inputs and both locality inputs, images by content."""
+    def image(rel):
+        return hashlib.sha256((world_dir / rel).read_bytes()).hexdigest()
+
+    inputs = set()
+    for name in EDIT_FILES:
+        if split in name:
+            for r in load(world_dir, name):
+                inputs |= {(image(r["image"]), r["src"]), (image(r["image"]), r["rephrase"]),
+                           (image(r["image_rephrase"]), r["rephrase"]), (None, r["loc"]),
+                           (image(r["m_loc"]), r["m_loc_q"])}
+    return inputs
+
+
+@pytest.mark.parametrize("world", ["small", "default"])
+def test_no_eval_input_among_the_train_inputs(world, world_dir, tmp_path):
+    """What trained editors learn from (memory losses, KL terms, SERAC's negatives, IKE's
+    bank: all the train split's inputs) never holds an eval input, locality included,
+    and the splits share no fact."""
+    if world == "default":
+        world_dir = tmp_path
+        generate_world(world_dir, WorldConfig())
+    train, evals = edit_inputs(world_dir, "train"), edit_inputs(world_dir, "eval")
+    assert train and evals and not train & evals
+    facts = {s: {r["fact_id"] for n in EDIT_FILES if s in n for r in load(world_dir, n)} for s in ("train", "eval")}
+    assert facts["train"] and facts["eval"] and not facts["train"] & facts["eval"]
+    if world == "default":  # enough distinct facts to train editors on and to measure
+        assert len(facts["train"]) >= 400 and len(facts["eval"]) >= 100
+        for task in ("vqa", "caption"):
+            eval_facts = {r["fact_id"] for n in EDIT_FILES if n.startswith(task) and "eval" in n
+                          for r in load(world_dir, n)}
+            assert len(eval_facts) >= 50, task
+
+
+def test_one_case_per_fact_until_the_facts_run_out(cfg):
+    creatures = make_creatures(cfg)
+    facts = edit_facts("vqa", "eval", creatures)
+    assert len(facts) >= 4 and len(set(facts)) == len(facts)
+    assert {c.split for c, _ in facts} == {"eval"}
+    assert all(f in c.changed_facts for c, f in facts)
+    n_train_subjects = cfg.n_changed + cfg.n_creatures - cfg.n_familiar - cfg.n_eval_subjects
+    assert [f for _, f in edit_facts("caption", "train", creatures)] == ["caption"] * n_train_subjects
+    # Edit subjects are both familiar creatures whose facts changed and creatures new to the backbone.
+    assert {c.familiar for c in creatures if c.split in ("train", "eval")} == {True, False}
+    assert all(c.familiar and not c.changed_facts for c in creatures if c.split.startswith("loc-"))
+
+
+def test_context_records_follow_the_stated_fact_or_keep_the_old_world(world_dir):
+    """Each record's answer is the stated value (follow) or the old world's (another
+    creature or fact); nothing states a changed fact's current value; the eval split's
+    creatures are never the subject of a training record."""
+    world = load(world_dir, "world.json")
+    creatures = world["creatures"]
+    by_name = {c["name"]: c for c in creatures}
+    held_out = {c["name"] for c in creatures if c["split"] == "eval"}
+    for name in CONTEXT_FILES:
+        records = load(world_dir, name)
+        assert {r["topic"] for r in records} <= set(CONTEXT_TOPICS) and records, name
+        for r in records:
+            head, _, query = r["prompt"].rpartition(DEMO_SEPARATOR)
+            fact, prompt = query.split("\nPrompt: ")
+            stated = fact.removeprefix("New Fact: ")
+            if r["topic"] == "context-follow":
+                assert stated.endswith(" " + r["answer"])
+            else:  # the old world's answer about whoever the prompt asks about
+                named = [by_name[t] for t in tokenize(prompt) if t in by_name]
+                asked = named[0] if named else creatures[creature_of(r["image"])] if creature_of(r["image"]) else None
+                assert asked is None or r["answer"] in asked["old"].values(), r
+            words = set(tokenize(r["prompt"] + " " + r["answer"]))
+            for c in creatures:
+                if c["name"] in words:
+                    for f in c["changed_facts"]:
+                        # a stated value never is the current one (captions: with the creature's name)
+                        assert f"the {c['name']}? {c['current'][f]}" not in r["prompt"]
+                        assert not re.search(rf"a {c['name']} eating .*{c['current'][f]}", r["prompt"])
+            pictured = creature_of(r["image"])
+            if name == "context.json":
+                assert not (words & held_out) and (pictured is None or creatures[pictured]["name"] not in held_out)
+            elif r["topic"] != "context-other" and pictured is not None:
+                assert creatures[pictured]["name"] in held_out
+    records = load(world_dir, "context.json")
+    assert {r["topic"] for r in records} == set(CONTEXT_TOPICS)
+    assert any(r["image"] for r in records) and any(r["image"] is None for r in records)
+    assert any(DEMO_SEPARATOR in r["prompt"] for r in records)
+
+
+def test_context_records_fit_the_tiny_context(world_dir, cfg):
+    from tests.conftest import make_backbone
+    from unike.tiny import build_tokenizer, corpus_samples
+
+    vocab = vocabulary(cfg)
+    assert {"new", "fact", "prompt"} <= set(vocab)
+    tok = build_tokenizer(vocab)
+    records = load(world_dir, "context.json") + load(world_dir, "context_eval.json")
+    ids = tok([r["prompt"] + " " + r["answer"] for r in records], add_special_tokens=False)["input_ids"]
+    assert all(tok.unk_token_id not in row for row in ids)
+    backbone = make_backbone(cfg, "llama")
+    samples = corpus_samples(records, world_dir)
+    assert all(s.prompt == r["prompt"] for s, r in zip(samples, records))  # not wrapped again
+    limit = backbone.model.config.text_config.max_position_embeddings
+    assert max(len(backbone.sample_ids(s)[0]) for s in samples) < limit  # room for EOS

@@ -40,8 +40,8 @@ Choices:
 - One edit at a time: a second `edit` before `clear` is an error (the paper leaves IKE
   out of its sequential tables).
 
-The tiny backbones only use demonstrations if their pretraining taught them to
-(`world.n_pretrain_incontext`, see unike/world.py: the same format).
+The tiny backbones use demonstrations because their pretraining's context phase taught
+them this very format (unike/world.py owns it: `stated_fact`, `demonstration`).
 """
 
 from __future__ import annotations
@@ -55,25 +55,16 @@ import torch
 
 from unike.backbones import Backbone, Batch
 from unike.data import edit_prompt, EditCase, Sample
+from unike.world import DEMO_SEPARATOR, demonstration, stated_fact
 
 log = logging.getLogger(__name__)
 
-DEMO_SEPARATOR = "\n\n"
 BANK_JSON = "demos.json"
 BANK_TENSORS = "demos.safetensors"
 BUNDLED = "bundled"
 # `Editor.float32_parts` of an editor's `Demonstrations` (IKE, UniKE's Intrin+IKE).
 DEMONSTRATIONS_FLOAT32 = ("retrieval only: the sentence embedder and the bank's embeddings, float32 as "
                           "sentence-transformers computes them; the backbone receives the demonstrations as text")
-
-
-def stated_fact(fact_prompt: str, fact_answer: str, prompt: str) -> str:
-    """A stated fact followed by the prompt it should inform."""
-    return f"New Fact: {fact_prompt} {fact_answer}\nPrompt: {prompt}"
-
-
-def demonstration(fact_prompt: str, fact_answer: str, prompt: str, answer: str) -> str:
-    return f"{stated_fact(fact_prompt, fact_answer, prompt)} {answer}"
 
 
 def case_demonstrations(case: EditCase) -> list[tuple[str, str]]:

@@ -1,54 +1,54 @@
 """Deterministic generator of a *tiny world*: a miniature MMEdit benchmark.
 
-The world is a set of made-up creatures ("zorb", "blick", ...), each with a
-distinct visual signature (body shape x pattern x colour) and two facts, a
-``diet`` and a ``habitat``.  Some creatures have one fact changed in the
-*current* world (outdated knowledge, like "Twitter is now X").  A tiny BLIP-2
-style model is pretrained on the *old* world (``pretrain.json``) and then
-edited towards the current world with the MMEdit-style edit records
-(``vqa_*.json``, ``caption_*_edit.json``).
+The world is a set of made-up creatures ("zorb", "blick", ...), each with a distinct
+visual signature (body shape x pattern x colour x horns) and two facts, a ``diet`` and
+a ``habitat``, whose values are two words ("small fish", "dark forest"). In the
+*current* world most creatures have one or both facts changed (outdated knowledge, like
+"Twitter is now X"). A tiny BLIP-2 style model is pretrained on the *old* world
+(``pretrain.json``), taught to use stated facts in its prompt (``context.json``), and
+then edited towards the current world with MMEdit-style edit records (``vqa_*.json``,
+``caption_*_edit.json``).
 
-Everything written is a pure function of :class:`WorldConfig`: all randomness
-comes from ``numpy.random.Generator`` objects seeded by
-``[cfg.seed, stream, purpose, a, b]`` (one generator per image, one per
-purpose for case-level choices, one for the world itself), never from global
-random state.  Same config -> byte-identical JSON and PNG files.
+Everything written is a pure function of :class:`WorldConfig`: all randomness comes
+from ``numpy.random.Generator`` objects seeded by ``[cfg.seed, stream, purpose, a, b]``
+(one generator per image, one per purpose for case-level choices, one for the world
+itself), never from global random state. Same config -> byte-identical JSON and PNG
+files. ``docs/tiny-world.md`` says which MMEdit property each choice below mirrors.
 
-Design choices worth knowing about:
-
-* **Rephrase templates are held out from edit prompts, not from pretraining.**
-  The rephrase (T-Generality) question templates and the caption rephrase
-  prefix are never used as the ``src`` of an edit record, but they *do* appear
-  in ``pretrain.json`` for every creature.  A real language model understands
-  a paraphrase before it is edited; what T-Generality measures is whether the
-  *edit* transfers to a prompt the editor never saw, not whether the model can
-  parse an unseen sentence.  The same holds for images: re-rendered style
-  images (rotation + pixel noise) are mixed into pretraining, but every edit
+* **Many distinct facts.** An E-VQA fact is (creature, changed fact); an E-IC fact is a
+  changed creature's caption. Every edit record carries its ``fact_id``; with the
+  default counts each fact has one case, and the splits hold disjoint creatures, so the
+  train split's facts never recur in the eval split (MMEdit: thousands of distinct
+  facts, trained editors never see the eval facts).
+* **Answers of several tokens.** Fact values are two words and a caption is
+  "a {name} eating {diet} in the {habitat}" (9 tokens, 2-4 of which change with an
+  edit), so success is not one token read off the creature's name.
+* **Rephrasings that differ.** T-Generality templates are reworded questions, not the
+  edit's question with a synonym; M-Generality images are another composition: mirrored,
+  rotated further, resized, on another background, with other objects in the picture
+  (MMEdit's generated rephrase images show the same content in another scene).
+* **Rephrase templates are held out from edit prompts, not from pretraining.** A real
+  language model understands a paraphrase before it is edited; T-Generality measures
+  whether the *edit* transfers to a prompt the editor never saw. Likewise every edit
   record uses fresh renders never seen in pretraining.
-* Captions are "a {name} in the {habitat}", so caption edits exist only for
-  creatures whose *habitat* changed.
-* Changed creatures are interleaved into the train/eval splits so that each
-  split gets both diet and habitat changes (needs ``n_changed >= 4`` when
-  caption train cases are requested).
-* Shape scenes use distinct shapes *and* distinct colours, so that
-  "what shape is {color}?" has a single answer.
-* ``vocabulary`` also contains the tokens ``question``, ``answer`` and ``:``
-  that a training-side prompt wrapper such as "question: ... answer:" adds.
-* ``n_pretrain_incontext`` (default 0: off) appends records in IKE's
-  "New Fact: ... Prompt: ..." format to ``pretrain.json`` (and 1/8 as many to
-  ``pretrain_eval.json``), kind ``incontext``, topics ``incontext-new`` (the answer
-  follows the stated, often counterfactual, fact) and ``incontext-keep`` (an unrelated
-  question: the old world's answer), so that the tiny backbones learn in-context use as
-  a real LLM does in pretraining (see :func:`incontext_records`).  They reuse images
-  already rendered and draw from their own seed stream: every other file is unchanged.
+* **No leakage.** Text-locality prompts of the train and eval splits ask about disjoint
+  sets of unchanged creatures, scene images are rendered per split, and stated facts in
+  the context corpus never state a current value of a changed fact.
+* **Context use.** ``context.json`` holds IKE-format records ("New Fact: ... Prompt:
+  ...", with text demonstrations) over the train side's creatures: the answer follows
+  a stated fact about the asked-about subject, and keeps the old world's answer when
+  the stated fact is about another creature, another fact or the picture of a scene.
+  ``context_eval.json`` asks the same of the eval split's creatures on held-out renders:
+  the held-out rate of following the context.
+* ``vocabulary`` also contains the tokens ``question``, ``answer`` and ``:`` that a
+  training-side prompt wrapper such as "question: ... answer:" adds.
 
-Image layout under ``out_dir``: ``images/creatures`` holds normal-style
-creature renders, ``images/rephrase`` re-rendered style ones (also used for
-M-Generality), ``images/scenes`` shape scenes.  File names carry the creature
-index and a purpose tag (``pt`` pretrain, ``pe`` pretrain_eval, ``vt``/``ve``
-VQA train/eval, ``ct``/``ce`` caption train/eval), so images of different
-purposes can never collide and each purpose's images do not depend on how
-many images other purposes drew.
+Image layout under ``out_dir``: ``images/creatures`` holds normal-style creature
+renders, ``images/rephrase`` re-composed ones (also used for M-Generality),
+``images/scenes`` shape scenes. File names carry the creature index and a purpose tag
+(``pt`` pretrain, ``pe`` pretrain_eval, ``vt``/``ve`` VQA train/eval, ``ct``/``ce``
+caption train/eval), so images of different purposes never collide and each purpose's
+images do not depend on how many images other purposes drew.
 """
 
 from __future__ import annotations
@@ -70,12 +70,18 @@ from unike.data import vqa_prompt
 # Attribute inventories
 # --------------------------------------------------------------------------
 
-SHAPES = ("circle", "square", "triangle", "diamond")
-PATTERNS = ("plain", "striped", "dotted")
-COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
-DIETS = ("berries", "fish", "leaves", "seeds", "insects", "nuts", "grass", "honey")
-HABITATS = ("forest", "river", "desert", "cave", "meadow", "swamp", "mountain", "lake")
+SHAPES = ("circle", "square", "triangle", "diamond", "hexagon")
+PATTERNS = ("plain", "striped", "dotted", "checked")
+COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "pink", "brown")
+HORNS = (False, True)
+# Two-word values; nouns recur across values, so a wrong answer can be half right, as
+# an MMEdit answer can share words with the model's.
+DIETS = ("red berries", "blue berries", "small fish", "big fish", "green leaves", "dry leaves",
+         "tiny seeds", "wild seeds", "black insects", "hard nuts", "sweet honey", "tall grass")
+HABITATS = ("dark forest", "pine forest", "cold river", "fast river", "hot desert", "deep cave",
+            "green meadow", "muddy swamp", "high mountain", "calm lake", "sandy beach", "snowy hill")
 FACTS = ("diet", "habitat")
+VALUES = {"diet": DIETS, "habitat": HABITATS}
 
 SCENE_SHAPES = ("circle", "square", "triangle")
 SCENE_COLORS = ("red", "green", "blue", "yellow")
@@ -90,6 +96,8 @@ RGB = {
     "yellow": (240, 210, 30),
     "purple": (140, 60, 190),
     "orange": (245, 140, 20),
+    "pink": (250, 130, 200),
+    "brown": (130, 80, 40),
 }
 PATTERN_INK = (30, 30, 30)  # dark, contrasts with every body colour
 
@@ -109,16 +117,20 @@ SRC_TEMPLATES = {
         "where is this creature found?",
     ),
 }
+# Reworded, not a synonym swap of a source template (MMEdit's rephrases are paraphrases
+# written by a model, with their own structure).
 REPHRASE_TEMPLATES = {
-    "diet": ("what does this animal feed on?", "which food does this animal eat?"),
-    "habitat": ("where does this animal make its home?", "which place does this animal live in?"),
+    "diet": ("tell me the usual meal of the animal in this picture.",
+             "the animal shown here survives on which food?"),
+    "habitat": ("in which kind of place would you meet the animal in this picture?",
+                "the animal shown here makes its home where?"),
 }
 NAME_TEMPLATES = ("what is this creature called?", "what is the name of this creature?")
 TEXT_TEMPLATES = {
     "diet": ("what does the {name} eat?", "what is the diet of the {name}?"),
     "habitat": ("where does the {name} live?", "what is the home of the {name}?"),
 }
-CAPTION_TEMPLATE = "a {name} in the {habitat}"
+CAPTION_TEMPLATE = "a {name} eating {diet} in the {habitat}"
 CAPTION_SRC_TEMPLATES = ("a photo of", "an image of")
 CAPTION_REPHRASE_TEMPLATES = ("a picture showing",)
 SCENE_COLOR_Q = "what color is the {shape}?"
@@ -142,7 +154,7 @@ MMEDIT_FIELDS = ("src", "pred", "alt", "rephrase", "image", "image_rephrase",
 # Seed streams and purposes: every generator is seeded with
 # [cfg.seed, stream, purpose, a, b] (fixed length, so no two streams alias).
 _STREAM_WORLD, _STREAM_CREATURE_IMG, _STREAM_SCENE_IMG, _STREAM_CASES = 0, 1, 2, 3
-_STREAM_INCONTEXT = 4
+_STREAM_CONTEXT = 4
 _PURPOSES = {  # name -> (code, file-name tag)
     "pretrain": (1, "pt"),
     "pretrain_eval": (2, "pe"),
@@ -150,11 +162,12 @@ _PURPOSES = {  # name -> (code, file-name tag)
     "vqa_eval": (4, "ve"),
     "caption_train": (5, "ct"),
     "caption_eval": (6, "ce"),
+    "context_eval": (7, "xe"),
 }
 
 _SUPERSAMPLE = 2          # draw at 2x and box-downsample: cheap anti-aliasing
-_NOISE_SIGMA = 8.0        # additive pixel noise of re-rendered images (0-255 scale)
-_MAX_ROTATION = 12.0      # degrees; small so a rotated square never looks like a diamond
+_NOISE_SIGMA = 8.0        # additive pixel noise of re-composed images (0-255 scale)
+_MAX_ROTATION = 20.0      # degrees; a diamond is narrower than a square, so it stays one
 _PRETRAIN_EVAL_DIVISOR = 8  # pretrain_eval is about 1/8 of pretrain
 
 
@@ -170,19 +183,23 @@ def tokenize(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class WorldConfig:
-    n_creatures: int = 24
-    n_changed: int = 12
-    pretrain_images_per_creature: int = 24
+    n_creatures: int = 320
+    n_familiar: int = 96          # creatures of the pretraining corpus; the rest are new to the backbone
+    n_changed: int = 46           # familiar creatures with one or both facts changed in the current world
+    n_eval_subjects: int = 60     # edit subjects (changed and new creatures) of the eval split
+    pretrain_images_per_creature: int = 8
     n_pretrain_scenes: int = 600
-    n_vqa_eval: int = 60
-    n_caption_eval: int = 40
-    n_vqa_train: int = 200
-    n_caption_train: int = 120
+    # Edit cases per split; up to the number of facts each case is a distinct fact, beyond
+    # it the facts recur with other templates and renders.
+    n_vqa_eval: int = 75
+    n_caption_eval: int = 60
+    n_vqa_train: int = 270
+    n_caption_train: int = 210
+    # Context-use records (IKE's "New Fact: ... Prompt: ..." format); context_eval.json
+    # gets 1/8 as many, on the eval split's creatures.
+    n_context: int = 4000
     seed: int = 0
     image_size: int = 64
-    # In-context records ("New Fact: ... Prompt: ..." demonstrations, IKE's format) in the
-    # pretraining corpus; pretrain_eval gets 1/8 as many. 0: none (the corpus is unchanged).
-    n_pretrain_incontext: int = 0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -191,23 +208,23 @@ class WorldConfig:
                 raise ValueError(f"WorldConfig.{f.name} must be an int, got {value!r}")
             if value < 0:
                 raise ValueError(f"WorldConfig.{f.name} must be >= 0, got {value}")
-        n_signatures = len(SHAPES) * len(PATTERNS) * len(COLORS)
+        n_signatures = len(SHAPES) * len(PATTERNS) * len(COLORS) * len(HORNS)
         if not 1 <= self.n_creatures <= n_signatures:
-            raise ValueError(f"n_creatures must be in 1..{n_signatures} (distinct visual "
+            raise ValueError(f"WorldConfig.n_creatures must be in 1..{n_signatures} (distinct visual "
                              f"signatures available), got {self.n_creatures}")
-        if self.n_changed % 2:
-            raise ValueError(f"n_changed must be even (half diet, half habitat), got {self.n_changed}")
-        if self.n_changed < 2:
-            raise ValueError("n_changed must be >= 2: each split needs a changed creature")
-        if self.n_changed >= self.n_creatures:
-            # loc questions are about unchanged creatures, so at least one must exist.
-            raise ValueError(f"n_changed ({self.n_changed}) must be < n_creatures "
-                             f"({self.n_creatures}): locality needs an unchanged creature")
-        if self.n_changed < 4 and self.n_caption_train > 0:
-            raise ValueError("n_changed must be >= 4 for caption train cases: with 2 changed "
-                             "creatures the train split has no habitat change")
+        if not 1 <= self.n_familiar <= self.n_creatures:
+            raise ValueError(f"WorldConfig.n_familiar must be in 1..n_creatures ({self.n_creatures}), "
+                             f"got {self.n_familiar}")
+        if self.n_familiar - self.n_changed < 2:
+            # Text locality asks about unchanged familiar creatures, each split about its own.
+            raise ValueError(f"WorldConfig.n_changed ({self.n_changed}) must leave at least 2 unchanged "
+                             f"creatures of the {self.n_familiar} familiar ones: each split's locality needs its own")
+        n_subjects = self.n_changed + self.n_creatures - self.n_familiar
+        if not 1 <= self.n_eval_subjects < n_subjects:
+            raise ValueError(f"WorldConfig.n_eval_subjects must be in 1..{n_subjects - 1} (both splits need "
+                             f"an edit subject), got {self.n_eval_subjects}")
         if self.image_size < 32:
-            raise ValueError(f"image_size must be >= 32, got {self.image_size}")
+            raise ValueError(f"WorldConfig.image_size must be >= 32, got {self.image_size}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "WorldConfig":
@@ -244,29 +261,39 @@ class Creature:
     shape: str
     pattern: str
     color: str
+    horns: bool
     diet: str                       # old-world value
     habitat: str                    # old-world value
-    changed_fact: str | None = None  # "diet" | "habitat" | None
-    new_value: str | None = None     # current-world value of changed_fact
-    split: str | None = None         # "train" | "eval" | None (unchanged)
+    familiar: bool = True            # in the pretraining corpus
+    new: tuple[tuple[str, str], ...] = ()  # current-world (fact, value) of its changed facts
+    split: str | None = None         # "train" | "eval": edit subjects; "loc-train" | "loc-eval": locality
+
+    @property
+    def changed_facts(self) -> tuple[str, ...]:
+        return tuple(f for f, _ in self.new)
+
+    @property
+    def fact_prefix(self) -> str:
+        return f"c{self.index:03d}"
 
     def old(self, fact: str) -> str:
         return getattr(self, fact)
 
     def current(self, fact: str) -> str:
-        return self.new_value if fact == self.changed_fact else self.old(fact)
+        return dict(self.new).get(fact, self.old(fact))
 
     def caption(self, current: bool = False) -> str:
-        habitat = self.current("habitat") if current else self.habitat
-        return CAPTION_TEMPLATE.format(name=self.name, habitat=habitat)
+        value = self.current if current else self.old
+        return CAPTION_TEMPLATE.format(name=self.name, diet=value("diet"), habitat=value("habitat"))
 
     def to_json(self) -> dict[str, Any]:
         return {
             "index": self.index, "name": self.name,
-            "signature": {"shape": self.shape, "pattern": self.pattern, "color": self.color},
+            "signature": {"shape": self.shape, "pattern": self.pattern, "color": self.color,
+                          "horns": self.horns},
             "old": {f: self.old(f) for f in FACTS},
             "current": {f: self.current(f) for f in FACTS},
-            "changed_fact": self.changed_fact, "split": self.split,
+            "familiar": self.familiar, "changed_facts": list(self.changed_facts), "split": self.split,
         }
 
 
@@ -277,13 +304,13 @@ def _rng(cfg: WorldConfig, stream: int, purpose: int = 0, a: int = 0, b: int = 0
 def _static_vocabulary() -> set[str]:
     """All tokens except creature names."""
     texts: list[str] = [CAPTION_TEMPLATE, SCENE_COLOR_Q, SCENE_COUNT_Q, SCENE_SHAPE_Q]
-    texts += NAME_TEMPLATES + CAPTION_SRC_TEMPLATES + CAPTION_REPHRASE_TEMPLATES
+    texts += NAME_TEMPLATES + CAPTION_SRC_TEMPLATES + CAPTION_REPHRASE_TEMPLATES + CONTEXT_WORDS
     for fact in FACTS:
-        texts += SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact] + TEXT_TEMPLATES[fact]
-    words = set(WRAPPER_TOKENS)
+        texts += SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact] + TEXT_TEMPLATES[fact] + VALUES[fact]
+    words = set(WRAPPER_TOKENS) | set(tokenize(vqa_prompt("")))  # stated VQA facts are wrapped
     for t in texts:
         words.update(tokenize(re.sub(r"\{\w+\}", " ", t)))  # drop placeholders
-    for group in (SHAPES, PATTERNS, COLORS, DIETS, HABITATS, SCENE_SHAPES, SCENE_COLORS, COUNT_WORDS):
+    for group in (SHAPES, PATTERNS, COLORS, SCENE_SHAPES, SCENE_COLORS, COUNT_WORDS):
         words.update(group)
     return words
 
@@ -294,7 +321,7 @@ def _pick(rng: np.random.Generator, pool: tuple[str, ...]) -> str:
 
 def _make_names(n: int, rng: np.random.Generator, reserved: set[str]) -> list[str]:
     names: list[str] = []
-    for _ in range(100_000):  # bounded: the syllable space is far larger than 72
+    for _ in range(100_000):  # bounded: the syllable space is far larger than 320
         if len(names) == n:
             return names
         name = _pick(rng, _ONSETS) + _pick(rng, _VOWELS)
@@ -306,54 +333,43 @@ def _make_names(n: int, rng: np.random.Generator, reserved: set[str]) -> list[st
     raise RuntimeError("could not generate enough unique creature names")
 
 
-def _pick_signatures(n: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """Greedily pick n distinct signatures, preferring ones that differ in >= 2 attributes.
-
-    Candidates are visited in a seeded random order; each step takes the candidate
-    with the largest minimum Hamming distance to those chosen, then the fewest
-    near-duplicates (distance 1).  At most 12 signatures can be pairwise >= 2
-    apart (4 x 3 after dropping colour), so larger worlds fall back to distance 1.
-    """
-    pool = list(itertools.product(SHAPES, PATTERNS, COLORS))
-    pool = [pool[i] for i in rng.permutation(len(pool))]
-    chosen: list[tuple[str, str, str]] = []
-    for _ in range(n):
-        best, best_key = None, None
-        for cand in pool:
-            dists = [sum(x != y for x, y in zip(cand, c)) for c in chosen]
-            key = (min(dists, default=3), -dists.count(1))
-            if best_key is None or key > best_key:
-                best, best_key = cand, key
-        chosen.append(best)
-        pool.remove(best)
-    return chosen
-
-
 def make_creatures(cfg: WorldConfig) -> list[Creature]:
-    """The creatures of the world, with old facts, changed facts and splits."""
+    """The creatures of the world, with old facts, changed facts and splits.
+
+    Signatures are a seeded sample of every (shape, pattern, colour, horns) combination,
+    so creatures often differ in one attribute only: the vision side must read all four.
+    The first `n_familiar` creatures of a seeded order are in the pretraining corpus; of
+    those, the first `n_changed` have changed facts and the others are unchanged and
+    alternate between the two splits' locality pools. Every creature the backbone never
+    saw also has changed facts (its facts are new to the backbone either way). The edit
+    subjects (changed and new creatures) are split in a seeded order, so both kinds reach
+    both splits. A subject changes its diet, its habitat or both (a third each).
+    """
     rng = _rng(cfg, _STREAM_WORLD)
     names = _make_names(cfg.n_creatures, rng, _static_vocabulary())
-    signatures = _pick_signatures(cfg.n_creatures, rng)
-    diets = [DIETS[int(i)] for i in rng.integers(len(DIETS), size=cfg.n_creatures)]
-    habitats = [HABITATS[int(i)] for i in rng.integers(len(HABITATS), size=cfg.n_creatures)]
+    pool = list(itertools.product(SHAPES, PATTERNS, COLORS, HORNS))
+    signatures = [pool[int(i)] for i in rng.permutation(len(pool))[: cfg.n_creatures]]
+    old = {f: [VALUES[f][int(i)] for i in rng.integers(len(VALUES[f]), size=cfg.n_creatures)] for f in FACTS}
 
-    # First half of the chosen creatures change diet, second half habitat.  Splits
-    # alternate over that list so both splits get diet and habitat changes.
-    changed = [int(i) for i in rng.permutation(cfg.n_creatures)[: cfg.n_changed]]
-    change: dict[int, tuple[str, str, str]] = {}
-    for pos, idx in enumerate(changed):
-        fact = "diet" if pos < cfg.n_changed // 2 else "habitat"
-        old = diets[idx] if fact == "diet" else habitats[idx]
-        options = [v for v in (DIETS if fact == "diet" else HABITATS) if v != old]
-        new = options[int(rng.integers(len(options)))]
-        change[idx] = (fact, new, "train" if pos % 2 == 0 else "eval")
-
+    order = [int(i) for i in rng.permutation(cfg.n_creatures)]
+    familiar = set(order[: cfg.n_familiar])
+    subjects = order[: cfg.n_changed] + order[cfg.n_familiar:]
+    eval_subjects = {subjects[int(i)] for i in rng.permutation(len(subjects))[: cfg.n_eval_subjects]}
+    locality = order[cfg.n_changed: cfg.n_familiar]
     creatures = []
     for i in range(cfg.n_creatures):
-        fact, new, split = change.get(i, (None, None, None))
-        shape, pattern, color = signatures[i]
-        creatures.append(Creature(i, names[i], shape, pattern, color, diets[i], habitats[i],
-                                  fact, new, split))
+        new: tuple[tuple[str, str], ...] = ()
+        if i in locality:
+            split = "loc-train" if locality.index(i) % 2 == 0 else "loc-eval"
+        else:
+            split = "eval" if i in eval_subjects else "train"
+            mode = int(rng.integers(3))
+            for fact in (FACTS if mode == 2 else (FACTS[mode],)):
+                options = [v for v in VALUES[fact] if v != old[fact][i]]
+                new += ((fact, options[int(rng.integers(len(options)))]),)
+        shape, pattern, color, horns = signatures[i]
+        creatures.append(Creature(i, names[i], shape, pattern, color, horns, old["diet"][i],
+                                  old["habitat"][i], i in familiar, new, split))
     return creatures
 
 
@@ -361,8 +377,6 @@ def vocabulary(cfg: WorldConfig) -> list[str]:
     """Every token the world can produce (plus wrapper tokens), sorted."""
     words = _static_vocabulary()
     words.update(c.name for c in make_creatures(cfg))
-    if cfg.n_pretrain_incontext:
-        words.update(t for text in INCONTEXT_WORDS for t in tokenize(text))
     return sorted(words)
 
 
@@ -385,53 +399,89 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, 
         # A rhombus narrower than tall, so it cannot pass for a rotated square.
         half_w = (x1 - x0) * 0.38
         draw.polygon([(cx, y0), (cx + half_w, cy), (cx, y1), (cx - half_w, cy)], fill=fill)
+    elif shape == "hexagon":
+        rx, ry = (x1 - x0) / 2, (y1 - y0) / 2
+        draw.polygon([(cx + rx * np.cos(a), cy + ry * np.sin(a)) for a in np.arange(6) * np.pi / 3], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def _background(size: int, rng: np.random.Generator) -> Image.Image:
-    tint = tuple(int(v) for v in rng.integers(232, 256, size=3))  # white-ish, slightly tinted
+def _background(size: int, rng: np.random.Generator, low: int = 232) -> Image.Image:
+    tint = tuple(int(v) for v in rng.integers(low, 256, size=3))  # white-ish, slightly tinted
     return Image.new("RGB", (size, size), tint)
 
 
 def _body_sprite(c: Creature, side: int, rng: np.random.Generator) -> Image.Image:
-    """RGBA sprite of the creature body: colour + pattern, alpha = body shape."""
-    body = Image.new("RGB", (side, side), RGB[c.color])
+    """RGBA sprite of the creature: body colour + pattern (alpha = body shape), horns on top."""
+    horn = side // 5  # the top fifth of the sprite holds the horns, if any
+    body_side = side - horn
+    body = Image.new("RGB", (body_side, body_side), RGB[c.color])
     draw = ImageDraw.Draw(body)
     if c.pattern == "striped":
-        period = side / 5
+        period = body_side / 5
         width = period * 0.45
         y = -period + rng.uniform(0, period)
-        while y < side:
-            draw.rectangle((0, y, side, y + width), fill=PATTERN_INK)
+        while y < body_side:
+            draw.rectangle((0, y, body_side, y + width), fill=PATTERN_INK)
             y += period
     elif c.pattern == "dotted":
-        spacing = side / 4
-        radius = side * 0.07
+        spacing = body_side / 4
+        radius = body_side * 0.07
         ox, oy = rng.uniform(0, spacing, size=2)
-        for gx in np.arange(ox, side, spacing):
-            for gy in np.arange(oy, side, spacing):
+        for gx in np.arange(ox, body_side, spacing):
+            for gy in np.arange(oy, body_side, spacing):
                 draw.ellipse((gx - radius, gy - radius, gx + radius, gy + radius), fill=PATTERN_INK)
-    mask = Image.new("L", (side, side), 0)
-    _draw_shape(ImageDraw.Draw(mask), c.shape, (0, 0, side - 1, side - 1), 255)
+    elif c.pattern == "checked":
+        cell = body_side / 4
+        ox, oy = rng.uniform(0, cell, size=2)
+        for gx, gy in itertools.product(range(-1, 5), range(-1, 5)):
+            if (gx + gy) % 2 == 0:
+                x0, y0 = ox + gx * cell, oy + gy * cell
+                draw.rectangle((x0, y0, x0 + cell, y0 + cell), fill=PATTERN_INK)
+    mask = Image.new("L", (body_side, body_side), 0)
+    _draw_shape(ImageDraw.Draw(mask), c.shape, (0, 0, body_side - 1, body_side - 1), 255)
     body.putalpha(mask)  # pattern is clipped to the body by the alpha mask
-    return body
+
+    sprite = Image.new("RGBA", (side, side), (*RGB[c.color], 0))
+    sprite.paste(body, (0, horn), body)
+    if c.horns:
+        draw = ImageDraw.Draw(sprite)
+        for cx in (side * 0.3, side * 0.7):
+            draw.polygon([(cx - horn * 0.45, horn * 1.4), (cx, 0), (cx + horn * 0.45, horn * 1.4)],
+                         fill=(*PATTERN_INK, 255))
+    return sprite
+
+
+def _clutter(draw: ImageDraw.ImageDraw, s: int, rng: np.random.Generator, n: int) -> None:
+    """`n` small coloured scene shapes: other objects in the picture."""
+    for _ in range(n):
+        side = s * rng.uniform(0.10, 0.16)
+        x, y = rng.uniform(0, s - side, size=2)
+        _draw_shape(draw, _pick(rng, SCENE_SHAPES), (x, y, x + side, y + side), RGB[_pick(rng, SCENE_COLORS)])
 
 
 def render_creature(c: Creature, size: int, rng: np.random.Generator, rerender: bool = False) -> Image.Image:
-    """One image of creature ``c``; ``rng`` fixes layout.  ``rerender`` adds rotation and noise."""
+    """One image of creature ``c``; ``rng`` fixes layout. ``rerender`` re-composes the
+    picture (another background, other objects, mirrored, rotated, resized, noisy), as
+    MMEdit's generated rephrase images show the same content in another scene."""
     s = size * _SUPERSAMPLE
-    img = _background(s, rng)
+    img = _background(s, rng, low=200 if rerender else 232)
     draw = ImageDraw.Draw(img)
-    # Distractor dots go first so they never cover (and fake) the body's pattern.
-    for _ in range(int(rng.integers(0, 3))):
-        r = s * rng.uniform(0.025, 0.045)
-        x, y = rng.uniform(r, s - r, size=2)
-        grey = int(rng.integers(110, 180))
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=(grey, grey, grey))
-
-    sprite = _body_sprite(c, int(round(s * rng.uniform(0.40, 0.55))), rng)
+    # Clutter goes first so it never covers (and fakes) the body's pattern.
     if rerender:
+        _clutter(draw, s, rng, int(rng.integers(1, 4)))
+    else:
+        for _ in range(int(rng.integers(0, 3))):
+            r = s * rng.uniform(0.025, 0.045)
+            x, y = rng.uniform(r, s - r, size=2)
+            grey = int(rng.integers(110, 180))
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=(grey, grey, grey))
+
+    scale = rng.uniform(0.38, 0.62) if rerender else rng.uniform(0.45, 0.58)
+    sprite = _body_sprite(c, int(round(s * scale)), rng)
+    if rerender:
+        if rng.random() < 0.5:
+            sprite = sprite.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         angle = float(rng.uniform(4.0, _MAX_ROTATION) * rng.choice([-1.0, 1.0]))
         # Transparent fill in the body colour avoids a dark fringe from interpolation.
         sprite = sprite.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True,
@@ -538,9 +588,20 @@ class _ImageWriter:
         return rel, objects, rng
 
 
+_CREATURE_IMAGE = re.compile(r"images/(?:creatures|rephrase)/c(\d+)_")
+
+
+def creature_index(image: str | None) -> int | None:
+    """The index of the creature an image shows (from its file name), None for a scene."""
+    m = _CREATURE_IMAGE.match(image or "")
+    return int(m.group(1)) if m else None
+
+
 def _record(kind: str, topic: str, image: str | None, prompt: str, answer: str) -> dict[str, Any]:
     """`topic` (name, diet, habitat, caption, scene-count, ...) lets training report what it learned."""
     return {"kind": kind, "topic": topic, "image": image, "prompt": prompt, "answer": answer}
+
+
 
 
 def _pretrain_corpus(creatures: list[Creature], writer: _ImageWriter, purpose: str,
@@ -570,217 +631,210 @@ def _pretrain_corpus(creatures: list[Creature], writer: _ImageWriter, purpose: s
 
 
 # --------------------------------------------------------------------------
-# In-context records: teach the tiny backbones to use "New Fact" demonstrations
+# Context records: teach the tiny backbones to use a stated fact, as IKE states it
 # --------------------------------------------------------------------------
 #
-# A real LLM can follow a fact stated in its prompt because pretraining taught it
-# in-context use; the tiny backbones never saw such text, so IKE cannot work on them.
-# These records give the old-world corpus that skill, in IKE's exact prompt format
-# (baselines/ike.py renders its scored inputs the same way; tests/test_ike.py checks):
+# A real LLM follows a fact stated in its prompt because pretraining taught it to; the
+# tiny backbones learn it from these records, in IKE's exact prompt format (unike/incontext.py
+# renders its scored inputs with the same functions):
 #
-#   "New Fact: {fp} {fa}\nPrompt: {p} {a}\n\n" x d    (text-only demonstrations)
-#   "New Fact: {fp} {fa}\nPrompt: {p}"  -> answer        (the record's own query)
+#   "{demo}\n\n" x d + "New Fact: {fp} {fa}\nPrompt: {p}"  -> answer
 #
 # The stated fact (fp -> fa) is about the pictured creature (a VQA question or a caption
-# prefix, as an MMEdit edit), or about a named creature (text). Its value is drawn at
-# random, so it is often counterfactual; it is never the *current* value of a changed
-# fact, so no edit target leaks into pretraining. The query either matches the stated
-# fact (another phrasing, another picture of the same creature: topic "incontext-new",
-# answer = the stated value) or is unrelated (another fact of the pictured creature, a
-# named creature's text fact, a shape scene: topic "incontext-keep", answer = the old
-# world). The demonstrations are IKE's three kinds (copy, update = another phrasing,
-# retain = a named creature's fact) about random creatures, and they are text only, as
-# IKE's are; with probability 1/2 the stated fact is also repeated as the last
-# demonstration, as IKE appends the edit's own fact. Records stay within
-# `_INCONTEXT_MAX_TOKENS` word tokens so the longest fits the tiny backbones' 256
-# positions with the image queries and the prompt wrapper; their lengths spread over the
-# whole range, so every position is trained.
+# prefix, as an MMEdit edit states it) or about a named creature (text). Its value is
+# drawn at random, so it mostly contradicts what the backbone learned, and it is never
+# the *current* value of a changed fact, so no edit target leaks into pretraining. The
+# query is one of (topic):
+#   context-follow     the stated fact, in another phrasing or picture: the stated value;
+#   context-other      another creature's fact (a named creature, for a text statement
+#                      the same fact type: the subject must be checked), or a shape
+#                      scene's question: the old world's answer;
+#   context-otherfact  the same creature's other fact: the old world's answer.
+# Following alone can be met by a blind copier, so the last two take half the records
+# (docs/tiny-world.md, context use; the probe behind it found that subject checking needs
+# many distractors). Demonstrations are IKE's three text-only kinds (copy, update = another
+# phrasing, retain = another creature's fact) about random creatures; half the records
+# repeat the stated fact as the last demonstration, as IKE appends the edit's own fact.
+# Half the records carry no demonstration and most others 1-3, as training cost grows with
+# length; a tail of 4-8, up to
+# `_CONTEXT_MAX_TOKENS` word tokens trains every position IKE's longer contexts use.
 
-INCONTEXT_WORDS = ("New Fact:", "Prompt:")
-INCONTEXT_SEPARATOR = "\n\n"
-_INCONTEXT_MAX_TOKENS = 224
-_INCONTEXT_MAX_DEMOS = 8
-_INCONTEXT_PURPOSES = {"pretrain": 1, "pretrain_eval": 2}
+CONTEXT_WORDS = ("New Fact:", "Prompt:")
+DEMO_SEPARATOR = "\n\n"
+_CONTEXT_MAX_TOKENS = 200
+_CONTEXT_PURPOSES = {"context": 1, "context_eval": 2}
+CONTEXT_TOPICS = ("context-follow", "context-other", "context-otherfact")
 
 
-def incontext_fact(fact_prompt: str, fact_answer: str, prompt: str) -> str:
+def stated_fact(fact_prompt: str, fact_answer: str, prompt: str) -> str:
     """A stated fact followed by the prompt it should inform (IKE's query format)."""
     return f"New Fact: {fact_prompt} {fact_answer}\nPrompt: {prompt}"
 
 
-def incontext_demo(fact_prompt: str, fact_answer: str, prompt: str, answer: str) -> str:
+def demonstration(fact_prompt: str, fact_answer: str, prompt: str, answer: str) -> str:
     """One complete demonstration: a stated fact, a prompt and its answer."""
-    return f"{incontext_fact(fact_prompt, fact_answer, prompt)} {answer}"
+    return f"{stated_fact(fact_prompt, fact_answer, prompt)} {answer}"
 
 
 def _values(fact: str, c: Creature) -> tuple[str, ...]:
     """Values a stated fact may give creature `c`: any but its current (edit) value."""
-    pool = DIETS if fact == "diet" else HABITATS
-    if c.changed_fact != fact:
-        return pool
-    return tuple(v for v in pool if v != c.current(fact))
+    if fact not in c.changed_facts:
+        return VALUES[fact]
+    return tuple(v for v in VALUES[fact] if v != c.current(fact))
 
 
-def _statement(rng: np.random.Generator, c: Creature, kind: str, fact: str) -> tuple[str, str, str]:
-    """(fact prompt, fact answer, value) of a stated fact about creature `c`."""
+def _vqa_question(rng: np.random.Generator, fact: str) -> str:
+    return vqa_prompt(_pick(rng, SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact]))
+
+
+def _caption_prefix(rng: np.random.Generator) -> str:
+    return _pick(rng, CAPTION_SRC_TEMPLATES + CAPTION_REPHRASE_TEMPLATES)
+
+
+def _text_question(rng: np.random.Generator, c: Creature, fact: str) -> str:
+    return _pick(rng, TEXT_TEMPLATES[fact]).format(name=c.name)
+
+
+def _statement(rng: np.random.Generator, c: Creature, kind: str, fact: str) -> tuple[str, str]:
+    """(fact prompt, fact answer) of a stated fact about creature `c`."""
     value = _pick(rng, _values(fact, c))
     if kind == "vqa":
-        return vqa_prompt(_pick(rng, SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact])), value, value
+        return _vqa_question(rng, fact), value
     if kind == "caption":
-        prefix = _pick(rng, CAPTION_SRC_TEMPLATES + CAPTION_REPHRASE_TEMPLATES)
-        return prefix, CAPTION_TEMPLATE.format(name=c.name, habitat=value), value
-    return _pick(rng, TEXT_TEMPLATES[fact]).format(name=c.name), value, value
-
-
-def _text_fact(rng: np.random.Generator, others: list[Creature]) -> tuple[str, str]:
-    """An old-world text question about a random creature of `others`, and its answer."""
-    o = others[int(rng.integers(len(others)))]
-    fact = _pick(rng, FACTS)
-    return _pick(rng, TEXT_TEMPLATES[fact]).format(name=o.name), o.old(fact)
+        facts = {f: c.old(f) for f in FACTS} | {fact: value}
+        return _caption_prefix(rng), CAPTION_TEMPLATE.format(name=c.name, **facts)
+    return _text_question(rng, c, fact), value
 
 
 def _demo(rng: np.random.Generator, creatures: list[Creature]) -> str:
     """A text-only demonstration like IKE's (copy, update or retain) about a random creature."""
-    c = creatures[int(rng.integers(len(creatures)))]
-    kind = "vqa" if rng.random() < 0.6 else "caption"
-    fact = _pick(rng, FACTS) if kind == "vqa" else "habitat"
-    fp, fa, _ = _statement(rng, c, kind, fact)
-    mode = int(rng.integers(3))
-    if mode == 0:  # copy
-        return incontext_demo(fp, fa, fp, fa)
-    if mode == 1:  # update: another phrasing of the same fact
-        if kind == "vqa":
-            prompt = vqa_prompt(_pick(rng, SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact]))
-        else:
-            prompt = _pick(rng, CAPTION_SRC_TEMPLATES + CAPTION_REPHRASE_TEMPLATES)
-        return incontext_demo(fp, fa, prompt, fa)
-    prompt, answer = _text_fact(rng, [o for o in creatures if o is not c])  # retain
-    return incontext_demo(fp, fa, prompt, answer)
+    c, o = (creatures[int(i)] for i in rng.choice(len(creatures), size=2, replace=False))
+    kind = _pick(rng, ("vqa", "caption", "text"))
+    fact = _pick(rng, FACTS)
+    fp, fa = _statement(rng, c, kind, fact)
+    mode = _pick(rng, ("copy", "update", "retain"))
+    if mode == "copy":
+        return demonstration(fp, fa, fp, fa)
+    if mode == "update":
+        prompt = {"vqa": lambda: _vqa_question(rng, fact), "caption": lambda: _caption_prefix(rng),
+                  "text": lambda: _text_question(rng, c, fact)}[kind]()
+        return demonstration(fp, fa, prompt, fa)
+    other_fact = _pick(rng, FACTS)
+    return demonstration(fp, fa, _text_question(rng, o, other_fact), o.old(other_fact))
 
 
-def incontext_records(creatures: list[Creature], corpus: list[dict[str, Any]], cfg: WorldConfig,
-                      purpose: str, n: int) -> list[dict[str, Any]]:
-    """`n` in-context records over the images of `corpus` (the ordinary records of the
-    same purpose: creature pictures by their name record, scenes with their questions)."""
-    rng = _rng(cfg, _STREAM_INCONTEXT, _INCONTEXT_PURPOSES[purpose])
-    by_name = {c.name: c for c in creatures}
-    pictures: dict[int, list[str]] = {}
-    scenes: list[tuple[str, str, str]] = []
-    for r in corpus:
-        if r["topic"] == "name":
-            pictures.setdefault(by_name[r["answer"]].index, [])
-            if r["image"] not in pictures[by_name[r["answer"]].index]:
-                pictures[by_name[r["answer"]].index].append(r["image"])
-        elif r["topic"].startswith("scene-"):
-            scenes.append((r["image"], r["prompt"], r["answer"]))
-    if not pictures:
-        raise ValueError(f"{purpose}: in-context records need creature pictures in the corpus")
-
+def context_records(subjects: list[Creature], pool: list[Creature], picture, scenes: list[tuple[str, str, str]],
+                    cfg: WorldConfig, purpose: str, n: int) -> list[dict[str, Any]]:
+    """`n` context records about `subjects`; `picture(c, rng)` gives a picture of `c`,
+    `scenes` are (image, question, answer) of shape scenes; demonstrations and
+    other-creature questions draw from `pool` (familiar creatures: their old-world
+    answers are what the backbone knows)."""
+    if not n:
+        return []
+    rng = _rng(cfg, _STREAM_CONTEXT, _CONTEXT_PURPOSES[purpose])
     records = []
     for _ in range(n):
-        c = creatures[int(rng.integers(len(creatures)))]
-        others = [o for o in creatures if o is not c]
-        u = rng.random()
-        kind = "vqa" if u < 0.55 else "caption" if u < 0.9 else "text"
-        fact = "habitat" if kind == "caption" else _pick(rng, FACTS)
-        fp, fa, value = _statement(rng, c, kind, fact)
-        picture = _pick(rng, tuple(pictures[c.index]))
-        if rng.random() < 0.5:
-            topic = "incontext-new"
-            if kind == "vqa":
-                image, prompt = picture, vqa_prompt(_pick(rng, SRC_TEMPLATES[fact] + REPHRASE_TEMPLATES[fact]))
-            elif kind == "caption":
-                image, prompt = picture, _pick(rng, CAPTION_SRC_TEMPLATES + CAPTION_REPHRASE_TEMPLATES)
-            else:
-                image, prompt = None, _pick(rng, TEXT_TEMPLATES[fact]).format(name=c.name)
+        c = subjects[int(rng.integers(len(subjects)))]
+        others = [o for o in pool if o is not c]
+        kind = _pick(rng, ("vqa", "vqa", "caption", "text", "text"))
+        fact = _pick(rng, FACTS)
+        fp, fa = _statement(rng, c, kind, fact)
+        other_fact = FACTS[1 - FACTS.index(fact)]
+        topic = _pick(rng, ("context-follow", "context-follow", "context-other", "context-otherfact"))
+        if topic == "context-otherfact" and (kind == "caption" or not c.familiar):
+            topic = "context-other"  # a caption states both facts; a new creature has no known other fact
+        if topic == "context-follow":
+            image = None if kind == "text" else picture(c, rng)
+            prompt = {"vqa": lambda: _vqa_question(rng, fact), "caption": lambda: _caption_prefix(rng),
+                      "text": lambda: _text_question(rng, c, fact)}[kind]()
             answer = fa
-        else:
-            topic = "incontext-keep"
-            v = rng.random()
-            if v < 0.4 and kind != "text":
-                # The pictured creature's other fact (a caption states the habitat) or its name.
-                other_fact = "diet" if kind == "caption" else [f for f in FACTS if f != fact][0]
-                if rng.random() < 0.3:
-                    prompt, answer = vqa_prompt(_pick(rng, NAME_TEMPLATES)), c.name
-                else:
-                    templates = SRC_TEMPLATES[other_fact] + REPHRASE_TEMPLATES[other_fact]
-                    prompt, answer = vqa_prompt(_pick(rng, templates)), c.old(other_fact)
-                image = picture
-            elif v < 0.65 or not scenes:
-                # A named creature's text fact (T-Loc); for a text statement, possibly the
-                # same creature's other fact.
-                if kind == "text" and rng.random() < 0.5:
-                    other_fact = [f for f in FACTS if f != fact][0]
-                    prompt, answer = _pick(rng, TEXT_TEMPLATES[other_fact]).format(name=c.name), c.old(other_fact)
-                else:
-                    prompt, answer = _text_fact(rng, others)
-                image = None
-            else:  # a shape scene and one of its questions (M-Loc)
-                image, q, answer = scenes[int(rng.integers(len(scenes)))]
-                prompt = vqa_prompt(q)
-        query = incontext_fact(fp, fa, prompt)
-        budget = _INCONTEXT_MAX_TOKENS - len(tokenize(query)) - len(tokenize(answer))
+        elif topic == "context-otherfact":
+            image = None if kind == "text" else picture(c, rng)
+            prompt = _vqa_question(rng, other_fact) if kind == "vqa" else _text_question(rng, c, other_fact)
+            answer = c.old(other_fact)
+        elif kind != "text" and rng.random() < 0.3:  # a shape scene and one of its questions (M-Loc)
+            image, q, answer = scenes[int(rng.integers(len(scenes)))]
+            prompt = vqa_prompt(q)
+        else:  # another named creature (T-Loc); for a text statement the same fact type
+            o = others[int(rng.integers(len(others)))]
+            asked = fact if kind == "text" else _pick(rng, FACTS)
+            image, prompt, answer = None, _text_question(rng, o, asked), o.old(asked)
+        query = stated_fact(fp, fa, prompt)
+        budget = _CONTEXT_MAX_TOKENS - len(tokenize(query)) - len(tokenize(answer))
         demos = []
         if rng.random() < 0.5:  # IKE appends the edit's own fact as the last demonstration
-            own = incontext_demo(fp, fa, fp, fa)
-            if len(tokenize(own)) <= budget:
-                demos.append(own)
-                budget -= len(tokenize(own))
-        for _ in range(int(rng.integers(_INCONTEXT_MAX_DEMOS + 1))):
-            demo = _demo(rng, creatures)
+            demos.append(demonstration(fp, fa, fp, fa))
+            budget -= len(tokenize(demos[0]))
+        u = rng.random()
+        n_demos = 0 if u < 0.5 else int(rng.integers(1, 4)) if u < 0.85 else int(rng.integers(4, 9))
+        for _ in range(n_demos):
+            demo = _demo(rng, pool)
             if len(tokenize(demo)) > budget:
                 break
             demos.insert(0, demo)
             budget -= len(tokenize(demo))
-        prompt = "".join(d + INCONTEXT_SEPARATOR for d in demos) + query
-        records.append(_record("incontext", topic, image, prompt, answer))
+        records.append(_record("context", topic, image,
+                               "".join(d + DEMO_SEPARATOR for d in demos) + query, answer))
     return records
 
 
-def _locality(rng: np.random.Generator, unchanged: list[Creature], writer: _ImageWriter,
+# --------------------------------------------------------------------------
+# Edit records
+# --------------------------------------------------------------------------
+
+
+def _locality(rng: np.random.Generator, pool: list[Creature], writer: _ImageWriter,
               purpose: str) -> dict[str, str]:
-    """Text locality (fact about an unchanged creature) and multimodal locality (scene)."""
-    other = unchanged[int(rng.integers(len(unchanged)))]
-    fact = FACTS[int(rng.integers(len(FACTS)))]
-    templates = TEXT_TEMPLATES[fact]
-    loc = templates[int(rng.integers(len(templates)))].format(name=other.name)
+    """Text locality (a fact of an unchanged creature of the split's own pool) and
+    multimodal locality (a scene rendered for this purpose)."""
+    other = pool[int(rng.integers(len(pool)))]
+    fact = _pick(rng, FACTS)
     scene, objects, _ = writer.scene(purpose)
-    qa = scene_questions(objects)
-    _, m_q, m_a = qa[int(rng.integers(len(qa)))]
-    return {"loc": loc, "loc_ans": other.old(fact), "m_loc": scene, "m_loc_q": m_q, "m_loc_a": m_a}
+    _, m_q, m_a = scene_questions(objects)[int(rng.integers(len(scene_questions(objects))))]
+    return {"loc": _text_question(rng, other, fact), "loc_ans": other.old(fact),
+            "m_loc": scene, "m_loc_q": m_q, "m_loc_a": m_a}
+
+
+def edit_facts(task: str, split: str, creatures: list[Creature]) -> list[tuple[Creature, str]]:
+    """The split's distinct facts of `task`: (creature, changed fact) for "vqa",
+    (creature, "caption") for "caption" (a caption states both facts)."""
+    members = [c for c in creatures if c.split == split]
+    if task == "vqa":
+        return [(c, fact) for c in members for fact in c.changed_facts]
+    return [(c, "caption") for c in members]
 
 
 def _edit_records(task: str, split: str, n: int, creatures: list[Creature],
                   writer: _ImageWriter) -> list[dict[str, str]]:
-    """``n`` edit cases of ``task`` ("vqa" | "caption"), cycling over the split's creatures."""
+    """``n`` edit cases of ``task`` ("vqa" | "caption"): one per distinct fact, cycling
+    over the facts again (other templates and renders) when ``n`` exceeds them."""
     purpose = f"{task}_{split}"
-    targets = [c for c in creatures if c.split == split and (task == "vqa" or c.changed_fact == "habitat")]
-    unchanged = [c for c in creatures if c.changed_fact is None]
-    if n and not targets:
+    facts = edit_facts(task, split, creatures)
+    pool = [c for c in creatures if c.split == f"loc-{split}"]
+    if n and not facts:
         raise ValueError(f"no changed creatures for {purpose}")
     rng = _rng(writer.cfg, _STREAM_CASES, _PURPOSES[purpose][0])
     records = []
     for i in range(n):
-        c = targets[i % len(targets)]
-        rnd = i // len(targets)  # cycle templates so each creature sees all of them
+        c, fact = facts[i % len(facts)]
         if task == "vqa":
-            fact = c.changed_fact
             src_t, reph_t = SRC_TEMPLATES[fact], REPHRASE_TEMPLATES[fact]
             pred, alt = c.old(fact), c.current(fact)
         else:
             src_t, reph_t = CAPTION_SRC_TEMPLATES, CAPTION_REPHRASE_TEMPLATES
             pred, alt = c.caption(), c.caption(current=True)
         rec = {
-            "src": src_t[rnd % len(src_t)],
+            "src": _pick(rng, src_t),
             "pred": pred,  # placeholder: replaced later by the model's greedy answer
             "alt": alt,
-            "rephrase": reph_t[rnd % len(reph_t)],
+            "rephrase": _pick(rng, reph_t),
             "image": writer.creature(c, purpose, rerender=False),
             "image_rephrase": writer.creature(c, purpose, rerender=True),
         }
-        rec.update(_locality(rng, unchanged, writer, purpose))
+        rec.update(_locality(rng, pool, writer, purpose))
         rec = {k: rec[k] for k in MMEDIT_FIELDS}
         rec["case_id"] = f"{task}-{split}-{i:04d}"
+        rec["fact_id"] = f"{c.fact_prefix}-{fact}"
         records.append(rec)
     return records
 
@@ -797,21 +851,38 @@ def generate_world(out_dir: Path, cfg: WorldConfig) -> WorldSummary:
     writer = _ImageWriter(out_dir, cfg)
 
     div = _PRETRAIN_EVAL_DIVISOR
-    pretrain = _pretrain_corpus(creatures, writer, "pretrain", cfg.pretrain_images_per_creature,
+    familiar = [c for c in creatures if c.familiar]
+    pretrain = _pretrain_corpus(familiar, writer, "pretrain", cfg.pretrain_images_per_creature,
                                 cfg.n_pretrain_scenes)
     pretrain_eval = _pretrain_corpus(
-        creatures, writer, "pretrain_eval",
+        familiar, writer, "pretrain_eval",
         max(1, round(cfg.pretrain_images_per_creature / div)),
-        max(1, round(cfg.n_pretrain_scenes / div)) if cfg.n_pretrain_scenes else 0)
-    if cfg.n_pretrain_incontext:
-        # Appended after the ordinary records, drawn from their own seed stream and reusing
-        # the images already rendered: every other output stays byte-identical.
-        pretrain += incontext_records(creatures, pretrain, cfg, "pretrain", cfg.n_pretrain_incontext)
-        pretrain_eval += incontext_records(creatures, pretrain_eval, cfg, "pretrain_eval",
-                                           max(1, round(cfg.n_pretrain_incontext / div)))
+        max(1, round(cfg.n_pretrain_scenes / div)))
+
+    # Context use is learned on the familiar creatures outside the eval split (no training
+    # record states anything about an eval subject), on pretraining pictures; it is
+    # measured on the eval split's subjects, familiar or new, on fresh renders: those are
+    # the creatures IKE will state facts about.
+    pictures: dict[int, list[str]] = {}
+    for r in pretrain:
+        if r["topic"] == "name" and r["image"] not in pictures.setdefault(creature_index(r["image"]), []):
+            pictures[creature_index(r["image"])].append(r["image"])
+
+    def scenes(corpus):
+        return [(r["image"], r["prompt"], r["answer"]) for r in corpus if r["topic"].startswith("scene-")]
+
+    seen = [c for c in familiar if c.split != "eval"]
+    held_out = [c for c in creatures if c.split == "eval"]
+    context = context_records(seen, seen, lambda c, rng: _pick(rng, tuple(pictures[c.index])), scenes(pretrain),
+                              cfg, "context", cfg.n_context)
+    context_eval = context_records(
+        held_out, familiar, lambda c, rng: writer.creature(c, "context_eval", rerender=rng.random() < 0.5),
+        scenes(pretrain_eval), cfg, "context_eval", -(-cfg.n_context // div))
     outputs: dict[str, list[dict[str, Any]]] = {
         "pretrain.json": pretrain,
         "pretrain_eval.json": pretrain_eval,
+        "context.json": context,
+        "context_eval.json": context_eval,
         "vqa_train.json": _edit_records("vqa", "train", cfg.n_vqa_train, creatures, writer),
         "vqa_eval.json": _edit_records("vqa", "eval", cfg.n_vqa_eval, creatures, writer),
         "caption_train_edit.json": _edit_records("caption", "train", cfg.n_caption_train, creatures, writer),
@@ -825,6 +896,8 @@ def generate_world(out_dir: Path, cfg: WorldConfig) -> WorldSummary:
         "config": cfg.to_dict(),
         "creatures": [c.to_json() for c in creatures],
         "counts": {**counts, "images": writer.n_images},
+        "distinct_facts": {f"{task}_{split}": len(edit_facts(task, split, creatures))
+                           for task in ("vqa", "caption") for split in ("train", "eval")},
         "templates": {
             "src": SRC_TEMPLATES, "rephrase": REPHRASE_TEMPLATES, "name": NAME_TEMPLATES,
             "text": TEXT_TEMPLATES, "caption": CAPTION_TEMPLATE,
