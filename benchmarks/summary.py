@@ -4,7 +4,7 @@
     python benchmarks/per_edit.py --config config.yaml
     python benchmarks/per_edit.py --method unike
     python benchmarks/training_cost.py results    # after a default DAG run
-    python benchmarks/tune_unike.py --config config.yaml
+    python benchmarks/tune.py --config config.yaml --method ft --method ke ...  # each method with `search`
     python benchmarks/gpu_resources.py --scale full     # on a GPU machine
     python benchmarks/summary.py
 """
@@ -75,30 +75,12 @@ def main() -> None:
                   "Seconds of each `prepare_editor` step as the DAG run recorded them (`prepared.json`); training "
                   "steps, loop time and parameters are those of the hypernetworks (KE, MEND). What each method "
                   "prepares: `docs/baselines.md`.", "", *training_cost_table(r["rows"])]
-    r = results.get("unike_tuning")
-    if r:
-        n_val = {n: sum(b["validation_cases"].values()) for n, b in r["backbones"].items()}
-        changed = {k: v for k, v in r["chosen"].items() if r["start"].get(k, v) != v} or "none (the start is best)"
-        lines += ["", f"## UniKE hyperparameters on a validation split of the train data (`tune_unike.py`, from `{r['method']}`)",
-                  "", f"{100 * r['validation_share']:.0f}% of each task's train cases held out "
-                  f"({', '.join(f'{n}: {k}' for n, k in sorted(n_val.items()))} cases); triplet memory, encoders "
-                  "and FFN memory rebuilt without them; coordinate-wise search over "
-                  f"{', '.join(sorted(r['candidates']))}; score = mean over both backbones of the mean of Rel, Gen, "
-                  f"Loc (validation, both tasks); {len(r['trials'])} trials. The eval split is never used. "
-                  f"Changed from the start: {changed}.", "",
-                  "| backbone | start: mean (Rel / Gen / Loc) | chosen: mean (Rel / Gen / Loc) |", "| --- | --- | --- |"]
-
-        def cell(b: dict) -> str:
-            return f"{100 * b['mean']:.1f} ({100 * b['rel']:.1f} / {100 * b['gen']:.1f} / {100 * b['loc']:.1f})"
-
-        for name in sorted(r["backbones"]):
-            lines.append(f"| {name} | {cell(r['start_scores']['backbones'][name])} "
-                         f"| {cell(r['chosen_scores']['backbones'][name])} |")
-        lines.append(f"| both (the score) | {100 * r['start_scores']['mean']:.1f} | {100 * r['chosen_scores']['mean']:.1f} |")
+    if "tuning" in results:
+        lines += ["", *tuning_section(results["tuning"])]
     r = results.get("unike_gate")
     if r:
         lines += ["", f"## UniKE's adaptive alpha: related against unrelated inputs (`unike_gate.py`, from `{r['method']}`)",
-                  "", "The same validation split as above. Mean alpha per scored row after the case's edit, per edited "
+                  "", "The validation split of the Tuning section. Mean alpha per scored row after the case's edit, per edited "
                   "layer, and the AUC of alpha between the rows the edit should reach (Rel, T-Gen, M-Gen) and each "
                   "locality row: 1.0 = every related input weighs the knowledge more than every unrelated one, "
                   "0.5 = no better than chance.", "",
@@ -112,6 +94,42 @@ def main() -> None:
     if "gpu_resources" in results:
         lines += ["", *gpu_resources_section(results["gpu_resources"])]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def tuning_section(r: dict) -> list[str]:
+    """Per method, every trial of its search and the choice (`tune.py`)."""
+    lines = ["## Tuning: each method's hyperparameters on a validation split of the train data (`tune.py`)", "",
+             "Per method, one coordinate-wise pass over the values its config entry declares under `search:` (the "
+             "entry's own value first): each hyperparameter in turn takes each of its values with the others at "
+             "their best so far, and keeps the best; the same number of trials for every method. Validation: a "
+             "seeded share of each task's train cases, held out by fact; everything a method learns from the train "
+             "split (its `prepare`, UniKE's knowledge folder) is learnt from the rest. Score: the mean of Rel, Gen "
+             "and Loc, one-step, mean over both tasks, then over the backbones. The eval split is never used. "
+             "Scores in %; the chosen trial in bold."]
+    for method, m in sorted(r.items()):
+        names, backbones = list(m["search"]), sorted(m["backbones"])
+        split = "; ".join(f"{b}: {_held_out(m['backbones'][b])}" for b in backbones)
+        changed = ", ".join(f"{h} {m['start'][h]} -> {v}" for h, v in m["chosen"].items() if v != m["start"][h])
+        lines += ["", f"### {method} (`{m['editor']}`)", "",
+                  f"{len(m['trials'])} trials (trial 1: the entry's own values), {m['seconds'] / 60:.1f} min; "
+                  f"{100 * m['validation_share']:.0f}% held out: {split}. "
+                  f"Chosen: {changed or 'the start (no change)'}.", "",
+                  "| trial | " + " | ".join(names) + " | " + " | ".join(backbones) + " | mean | s |",
+                  "| --- " * (len(names) + len(backbones) + 3) + "|"]
+        for i, t in enumerate(m["trials"], 1):
+            bold = "**" if t["hparams"] == m["chosen"] else ""
+            cells = [str(t["hparams"][h]) for h in names]
+            cells += [f"{100 * t['backbones'][b]['mean']:.1f}" for b in backbones]
+            cells += [f"{bold}{100 * t['mean']:.1f}{bold}", f"{t['seconds']:.0f}"]
+            lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _held_out(b: dict) -> str:
+    """One backbone's validation split as `tune.py` records it."""
+    tasks = ", ".join(f"{t} {s['validation_cases']} of {s['validation_cases'] + s['fit_cases']} cases "
+                      f"({s['validation_facts']} facts)" for t, s in sorted(b["tasks"].items()))
+    return tasks + (f", {b['triplets_removed']} triplets removed from the knowledge" if "triplets_removed" in b else "")
 
 
 def _gib(value) -> str:

@@ -3,8 +3,8 @@
 The paper (§3.3) says alpha = cos(EncSem(h_know), h_input[-1]) "adaptively takes a small
 value" when the in-context knowledge is unrelated to the input, which is what preserves
 locality. This measures it on a validation split of the train data (the split, the
-knowledge rebuilt without the held-out cases and the FFN memory are those of
-`tune_unike.py`; the eval split is never used): per backbone and edited layer, the mean
+knowledge rebuilt without the held-out cases and the prepared folders are those of
+`tune.py`; the eval split is never used): per backbone and edited layer, the mean
 alpha on each scored row of a case, before its edit and after it, and the AUC of alpha
 between the rows the edit should reach (Rel, T-Gen, M-Gen) and each locality row (T-Loc,
 M-Loc): 1.0 means every related input gets a larger weight than every unrelated one,
@@ -16,15 +16,17 @@ finished default run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
-from tune_unike import validation_command, validation_setup  # this script's folder is on sys.path
-from unike.config import method_entry
+from tune import validation_split  # this script's folder is on sys.path
+from unike.cli import _torch_setup
+from unike.config import load_config, method_entry
 from unike.data import ROWS, case_samples
-from unike.editing import create_editor
+from unike.grid import Layout
 from unike.method.editor import UniKEHparams
 
 RESULTS = Path(__file__).resolve().parent / "results" / "unike_gate.json"
@@ -48,7 +50,13 @@ def gate_figures(alphas: dict[str, dict[str, list[float]]]) -> dict:
 
 
 def main() -> None:
-    args, config, layout = validation_command(__doc__, "a config entry with adaptive alpha and latent knowledge")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config.yaml")
+    parser.add_argument("--method", default="unike", help="a config entry with adaptive alpha and latent knowledge")
+    args = parser.parse_args()
+    config = load_config(args.config)
+    layout = Layout(config)
+    _torch_setup(config)
     report = {"method": args.method, "hparams": config["methods"][args.method].get("hparams", {}), "backbones": {}}
     for name in config["backbones"]:
         t0 = time.time()
@@ -57,30 +65,31 @@ def main() -> None:
         if hp.external != "latent" or hp.alpha is not None:
             raise SystemExit(f"{args.method} on {name}: needs latent knowledge with the adaptive alpha "
                              "(external: latent, no alpha)")
+        alphas: dict[int, dict[str, dict[str, list[float]]]] = {}  # layer -> phase -> row -> per-case values
+
+        def record(editor, phase: str) -> None:
+            for layer, a in editor.latent.last_alpha.items():
+                rows = alphas.setdefault(layer, {p: {r: [] for r in ROWS} for p in ("before_edit", "after_edit")})
+                for row, value in zip(ROWS, a.tolist()):
+                    rows[phase][row].append(value)
+
+        n_cases = 0
         with tempfile.TemporaryDirectory() as tmp:
-            st = validation_setup(config, layout, name, hp, Path(tmp))
-            validation = st["validation"]
-            editor = create_editor(entry, st["backbone"], st["prepared"], st["knowledge"])
-            alphas = {l: {phase: {r: [] for r in ROWS} for phase in ("before_edit", "after_edit")}
-                      for l in editor.layers}
-
-            def record(phase: str) -> None:
-                for layer, a in editor.latent.last_alpha.items():
-                    for row, value in zip(ROWS, a.tolist()):
-                        alphas[layer][phase][row].append(value)
-
-            n_cases = 0
-            for cases in validation.values():
-                for case in cases:
-                    samples = case_samples(case)
-                    editor.predict(samples)
-                    record("before_edit")
-                    editor.edit(case)
-                    editor.predict(samples)
-                    record("after_edit")
-                    editor.restore()
-                    n_cases += 1
-            editor.close()
+            split = validation_split(config, layout, name, Path(tmp))
+            for task, cases in split.validation.items():  # one editor per task, prepared on its fit cases
+                editor = split.editor(entry, task, f"methods.{args.method}")
+                try:
+                    for case in cases:
+                        samples = case_samples(case)
+                        editor.predict(samples)
+                        record(editor, "before_edit")
+                        editor.edit(case)
+                        editor.predict(samples)
+                        record(editor, "after_edit")
+                        editor.restore()
+                        n_cases += 1
+                finally:
+                    editor.close()
         report["backbones"][name] = {"validation_cases": n_cases, "seconds": round(time.time() - t0, 1),
                                      "layers": {str(l): gate_figures(a) for l, a in alphas.items()}}
         for layer, figures in report["backbones"][name]["layers"].items():

@@ -1,0 +1,310 @@
+"""Every method's hyperparameters, searched on a validation split of the *train* data.
+
+Calibrate the world, never the methods: each method, UniKE included, is tuned for its own
+best score by the same procedure with the same budget, and the eval split is never read.
+
+Validation split, per backbone and task: a seeded `VALIDATION_SHARE` of the task's train
+cases (the backbone's own mistakes, mined by the DAG), held out by fact (`fact_id`): every
+case of a held-out fact is on the validation side, so no method learns a fact it is scored
+on. Everything a method learns from the train split is learnt from the rest only: its
+`prepare` runs on the task's remaining cases (as `prepare_editor` runs on the whole task),
+and a method that reads UniKE's knowledge folder (`Editor.needs_knowledge`) gets one
+rebuilt without the validation cases (their triplets removed, encoders and zeta retrained).
+
+Search: a method's config entry declares its space, `search: {hparam: [values]}`; the
+entry's own value joins each list. One pass, coordinate-wise, in the declared order: each
+hyperparameter takes each of its values with the others at their best so far, and the best
+value is kept before the next one (a tie keeps the earlier value: the one held so far,
+then the declared order). A method's search costs 1 + sum over its hyperparameters of
+(values - 1) trials, and every method's space must come to the same `TRIALS`: a method
+with fewer hyperparameters that matter spends the budget on more values of them (IKE: k).
+
+Score of a trial: the mean of Rel, Gen and Loc (Gen and Loc each the mean of their T- and
+M- parts, as Table 5) on one-step editing of the validation cases, per task, then the mean
+over both tasks and over the backbones: one config entry serves every backbone.
+Seeded and deterministic: torch is seeded before every `prepare` and every editor, as each
+DAG job is.
+
+Writes benchmarks/results/tuning.json (every trial and the choice, per method; other
+methods' records already there are kept) and prints what to change in config.yaml, which
+it never writes. Needs a finished default run (`snakemake --cores 2`).
+
+    python benchmarks/tune.py --config config.yaml --method ft --method mend
+    python benchmarks/tune.py --config config.yaml --method unike --backbones tiny-minigpt4
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from unike.backbones import Backbone
+from unike.cli import _load_backbone, _torch_setup, _train_cases
+from unike.config import ConfigError, load_config, method_entry
+from unike.data import DataError, EditCase, edit_sample
+from unike.editing import Editor, create_editor, parse_hparams, preparation, resolve_editor
+from unike.grid import ONE_STEP, TASKS, Layout
+from unike.harness import make_sequences, pre_edit_predictions, pre_edit_tensors, run_sequences
+from unike.method.encoders import EncoderConfig, pretrain_encoders
+from unike.method.knowledge import load_triplets, save_hidden_states, save_triplets
+
+RESULTS = Path(__file__).resolve().parent / "results" / "tuning.json"
+VALIDATION_SHARE = 0.2
+TRIALS = 7  # per method: e.g. three hyperparameters with two values each beside the entry's
+
+
+def search_space(config: dict, method: str) -> tuple[dict, dict[str, list]]:
+    """The method's start (its entry's values of the searched hyperparameters) and its
+    space (per hyperparameter, the entry's value first, then the declared ones), checked
+    against the editor's `Hparams` and the budget."""
+    entry = config["methods"][method]
+    if "search" not in entry:
+        raise ConfigError(f"methods.{method} has no `search`: declare the values to try per hyperparameter "
+                          "(docs/baselines.md, Tuning)")
+    cls = resolve_editor(entry["editor"])
+    known = {f.name for f in dataclasses.fields(cls.Hparams)}
+    unknown = sorted(set(entry["search"]) - known)
+    if unknown:
+        raise ConfigError(f"methods.{method}.search: unknown hyperparameter(s) {unknown} of {cls.__name__}; "
+                          f"known: {sorted(known)}")
+    per_backbone = sorted({h for values in entry.get("backbone_hparams", {}).values() for h in values}
+                          & set(entry["search"]))
+    if per_backbone:
+        raise ConfigError(f"methods.{method}.search: {per_backbone} also set per backbone (backbone_hparams); "
+                          "the search looks for one value serving every backbone")
+    values = dataclasses.asdict(parse_hparams(cls.Hparams, entry.get("hparams", {}), f"methods.{method}"))
+    start = {h: values[h] for h in entry["search"]}
+    space = {h: list(dict.fromkeys([start[h], *candidates])) for h, candidates in entry["search"].items()}
+    trials = 1 + sum(len(v) - 1 for v in space.values())
+    if trials != TRIALS:
+        raise ConfigError(f"methods.{method}.search: {trials} trials (1 + the values other than the entry's, "
+                          f"summed over hyperparameters); every method gets {TRIALS}")
+    return start, space
+
+
+def coordinate_search(start: dict, space: dict[str, list], evaluate: Callable[[dict], dict]
+                      ) -> tuple[dict, list[dict]]:
+    """One coordinate-wise pass (module docstring). `evaluate` maps searched values to a
+    record with a "mean" score; returns the chosen values and every trial in the order run.
+    Each trial runs once: a coordinate's first value is the one held so far, whose trial is
+    the best of the previous coordinate, so a pass costs 1 + sum of (values - 1) trials.
+    A tie keeps the earlier value (`max` keeps the first): the held one, then the declared order."""
+    best, trials = dict(start), {}
+
+    def trial(values: dict) -> dict:
+        key = tuple(values[h] for h in space)
+        if key not in trials:
+            trials[key] = {"hparams": dict(values), **evaluate(values)}
+        return trials[key]
+
+    trial(best)
+    for name, values in space.items():
+        best[name] = max(values, key=lambda v: trial({**best, name: v})["mean"])
+    return best, list(trials.values())
+
+
+def split_by_fact(cases: list[EditCase], share: float, seed: int) -> tuple[list[EditCase], list[EditCase]]:
+    """(fit, validation): seeded facts held out until they hold `share` of the cases (at
+    least one case); every case of a fact on one side."""
+    sizes: dict[str, int] = {}
+    for c in cases:
+        sizes[c.fact_id] = sizes.get(c.fact_id, 0) + 1
+    facts = sorted(sizes)
+    random.Random(seed).shuffle(facts)
+    target, held, n_held = max(1, round(share * len(cases))), set(), 0
+    for fact in facts:
+        if n_held >= target:
+            break
+        held.add(fact)
+        n_held += sizes[fact]
+    fit = [c for c in cases if c.fact_id not in held]
+    if not fit:
+        raise ConfigError(f"{len(facts)} fact(s) in {len(cases)} train cases: too few to hold any out")
+    return fit, [c for c in cases if c.fact_id in held]
+
+
+def knowledge_without(source: Path, target: Path, validation: list[EditCase], enc_cfg: EncoderConfig) -> int:
+    """A copy of the knowledge folder without the triplets of the validation edit inputs
+    (triplets are the train split's edit inputs the backbone gets wrong), its encoders and
+    zeta retrained on the rest; returns how many triplets were removed."""
+    held = {(str(edit_sample(c).image), edit_sample(c).prompt) for c in validation}
+    triplets = load_triplets(source / "triplets.json")
+    keep = [i for i, t in enumerate(triplets) if (t.image, t.prompt) not in held]
+    with safe_open(str(source / "hidden_states.safetensors"), "pt") as f:
+        layers = json.loads(f.metadata()["layers"])
+        states = {k: f.get_tensor(k)[keep].contiguous() for k in f.keys()}
+    target.mkdir(parents=True)
+    save_triplets(target / "triplets.json", [triplets[i] for i in keep])
+    save_hidden_states(target / "hidden_states.safetensors", states, layers)
+    pretrain_encoders(target, enc_cfg)
+    return len(triplets) - len(keep)
+
+
+def task_scores(rows: list[dict]) -> dict[str, float]:
+    n = len(rows)
+    rel = sum(r["rel"] for r in rows) / n
+    gen = sum(r["t_gen"] + r["m_gen"] for r in rows) / (2 * n)
+    loc = sum(r["t_loc"] + r["m_loc"] for r in rows) / (2 * n)
+    return {"rel": rel, "gen": gen, "loc": loc, "mean": (rel + gen + loc) / 3}
+
+
+@dataclasses.dataclass
+class ValidationSplit:
+    """One backbone with each task's train cases divided: methods learn from `fit` and are
+    scored on `validation`. Prepared folders (per task and preparation, `editing.preparation`)
+    and the rebuilt knowledge folder are made under `root` when a trial first needs them."""
+
+    backbone: Backbone
+    fit: dict[str, list[EditCase]]
+    validation: dict[str, list[EditCase]]
+    root: Path
+    seed: int
+    knowledge_source: Path | None = None  # the run's knowledge folder, built from the whole train split
+    encoders: EncoderConfig | None = None  # how the run trained the knowledge folder's encoders
+    triplets_removed: int | None = None  # once the knowledge is rebuilt
+    prepared: dict[tuple, Path] = dataclasses.field(default_factory=dict)
+    pre_edit: dict[str, dict] = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.pre_edit = {t: pre_edit_tensors(pre_edit_predictions(self.backbone, cases), cases)
+                         for t, cases in self.validation.items()}
+
+    def knowledge(self) -> Path:
+        """The knowledge folder without the validation cases, rebuilt on first use."""
+        target = self.root / "knowledge"
+        if self.triplets_removed is None:
+            if self.knowledge_source is None or not (self.knowledge_source / "encoders.safetensors").is_file():
+                raise ConfigError(f"no knowledge folder at {self.knowledge_source}: run the DAG first "
+                                  "(snakemake --cores 2)")
+            held = [c for cases in self.validation.values() for c in cases]
+            self.triplets_removed = knowledge_without(self.knowledge_source, target, held, self.encoders)
+        return target
+
+    def editor(self, entry: dict, task: str, owner: str) -> Editor:
+        """`entry`'s editor for `task`'s validation cases, prepared on that task's fit cases."""
+        cls = resolve_editor(entry["editor"])
+        knowledge = self.knowledge() if cls.needs_knowledge else None
+        prepared = None
+        if cls.needs_training:
+            key = (task, *preparation(entry, owner))
+            prepared = self.prepared.get(key)
+            if prepared is None:
+                prepared = self.prepared[key] = self.root / "prepared" / str(len(self.prepared))
+                prepared.mkdir(parents=True)
+                torch.manual_seed(self.seed)
+                extra = {"knowledge": knowledge} if cls.needs_knowledge else {}
+                cls.prepare(self.backbone, parse_hparams(cls.Hparams, entry["hparams"], owner), self.fit[task],
+                            prepared, self.seed, **extra)
+        torch.manual_seed(self.seed)
+        return create_editor(entry, self.backbone, prepared, knowledge)
+
+    def score(self, entry: dict, owner: str) -> dict:
+        """One-step editing of every validation case: scores per task, and their mean."""
+        out = {}
+        for task, cases in self.validation.items():
+            editor = self.editor(entry, task, owner)
+            try:
+                rows = run_sequences(editor, make_sequences({task: cases}, ONE_STEP.name, self.seed),
+                                     self.pre_edit[task], progress_every=len(cases))
+            finally:
+                editor.close()
+            out[task] = task_scores(rows)
+        out["mean"] = sum(out[t]["mean"] for t in self.validation) / len(self.validation)
+        return out
+
+    def summary(self) -> dict:
+        return {"tasks": {task: {"validation_cases": len(self.validation[task]), "fit_cases": len(self.fit[task]),
+                                 "validation_facts": len({c.fact_id for c in self.validation[task]})}
+                          for task in self.fit}}
+
+
+def validation_split(config: dict, layout: Layout, name: str, root: Path) -> ValidationSplit:
+    """Backbone `name` of a finished run, with the validation split of its mined train cases."""
+    if not layout.backbone_dir(name).is_dir() or not layout.annotations(name).is_dir():
+        raise ConfigError(f"{name}: no backbone or mined data under {layout.out}: run the DAG first "
+                          "(snakemake --cores 2)")
+    fit, validation = {}, {}
+    for task in TASKS:
+        fit[task], validation[task] = split_by_fact(_train_cases(config, layout, name, task), VALIDATION_SHARE,
+                                                    config["seed"])
+    return ValidationSplit(_load_backbone(config, layout, name), fit, validation, root, config["seed"],
+                           layout.knowledge(name),
+                           EncoderConfig(**{"seed": config["seed"], **config.get("knowledge", {}).get("encoders", {})}))
+
+
+def tune(config: dict, method: str, splits: dict[str, ValidationSplit]) -> dict:
+    """The search of one method over the backbones of `splits`: its record in tuning.json."""
+    start, space = search_space(config, method)
+    owner, t0 = f"methods.{method}", time.time()
+
+    def evaluate(values: dict) -> dict:
+        t = time.time()
+        scores = {}
+        for name, split in splits.items():
+            entry = method_entry(config, method, name)
+            scores[name] = split.score({**entry, "hparams": {**entry["hparams"], **values}}, owner)
+        mean = sum(s["mean"] for s in scores.values()) / len(scores)
+        print(method, values, round(100 * mean, 1), {n: round(100 * s["mean"], 1) for n, s in scores.items()},
+              flush=True)
+        return {"backbones": scores, "mean": mean, "seconds": round(time.time() - t, 1)}
+
+    chosen, trials = coordinate_search(start, space, evaluate)
+    rebuilt = resolve_editor(config["methods"][method]["editor"]).needs_knowledge
+    return {"editor": config["methods"][method]["editor"], "seed": config["seed"],
+            "validation_share": VALIDATION_SHARE, "start": start, "search": space, "chosen": chosen,
+            "trials": trials, "seconds": round(time.time() - t0, 1),
+            "backbones": {n: {**s.summary(), **({"triplets_removed": s.triplets_removed} if rebuilt else {})}
+                          for n, s in splits.items()}}
+
+
+def advice(method: str, record: dict) -> str:
+    """What to change in config.yaml for the chosen values."""
+    start, chosen = (next(t for t in record["trials"] if t["hparams"] == record[k]) for k in ("start", "chosen"))
+    head = f"{method}: validation mean {100 * start['mean']:.1f} (start) -> {100 * chosen['mean']:.1f} (chosen)"
+    changes = [f"  methods.{method}.hparams.{h}: {record['start'][h]!r} -> {v!r}"
+               for h, v in record["chosen"].items() if v != record["start"][h]]
+    return "\n".join([head, *changes] if changes else [head, f"  methods.{method}.hparams: keep (the start is best)"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config.yaml")
+    parser.add_argument("--method", action="append", required=True, help="a config entry with `search` (repeatable)")
+    parser.add_argument("--backbones", nargs="+", help="default: every backbone of the config")
+    args = parser.parse_args()
+    try:
+        config = load_config(args.config)
+        for kind, names, known in (("method", args.method, config["methods"]),
+                                   ("backbone", args.backbones or [], config["backbones"])):
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise ConfigError(f"unknown {kind}(s) {unknown}; defined: {sorted(known)}")
+        for method in args.method:
+            search_space(config, method)  # every refusal before any model loads
+        layout = Layout(config)
+        _torch_setup(config)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        with tempfile.TemporaryDirectory() as tmp:
+            splits = {name: validation_split(config, layout, name, Path(tmp) / name)
+                      for name in args.backbones or config["backbones"]}
+            records = {method: tune(config, method, splits) for method in args.method}
+    except (ConfigError, DataError) as e:  # bad input: one line naming it, no traceback
+        raise SystemExit(f"tune.py: error: {e}") from None
+    results = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.is_file() else {}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({**results, **records}, indent=2, sort_keys=True) + "\n")
+    print("\n".join(advice(m, r) for m, r in records.items()))
+
+
+if __name__ == "__main__":
+    main()

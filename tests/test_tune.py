@@ -1,0 +1,164 @@
+"""benchmarks/tune.py: the validation split, the search and its budget, and trials on
+untrained tiny backbones (conftest.py) that learn from the fit cases only."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from unike.config import ConfigError, load_config
+from unike.data import edit_sample, load_cases
+from unike.grid import SPLIT_FILES, TASKS
+from unike.method.encoders import EncoderConfig, pretrain_encoders
+from unike.method.knowledge import (collect_triplets, extract_hidden_states, load_triplets, save_hidden_states,
+                                    save_triplets)
+
+from conftest import REPO, make_backbone
+
+sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark scripts import each other by name
+from summary import tuning_section  # noqa: E402
+from tune import (TRIALS, ValidationSplit, coordinate_search, search_space, split_by_fact,  # noqa: E402
+                  tune)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def _cases(world_dir, task, split):
+    return load_cases(world_dir / SPLIT_FILES[(task, split)], task, world_dir)
+
+
+def _split(world_dir, world_config, text_model, root, **knowledge) -> ValidationSplit:
+    fit, validation = {}, {}
+    for task in TASKS:
+        fit[task], validation[task] = split_by_fact(_cases(world_dir, task, "train"), 0.2, 0)
+    return ValidationSplit(make_backbone(world_config, text_model), fit, validation, root, 0, **knowledge)
+
+
+def test_validation_split_holds_whole_facts_and_never_an_eval_case(world_dir):
+    for task in TASKS:
+        train, evaluated = _cases(world_dir, task, "train"), _cases(world_dir, task, "eval")
+        # Three cases a fact, so a split by case would cut facts.
+        grouped = [dataclasses.replace(c, fact_id=f"fact-{i // 3}") for i, c in enumerate(train * 3)]
+        for cases in (train, grouped):
+            fit, validation = split_by_fact(cases, 0.2, 0)
+            assert (fit, validation) == split_by_fact(cases, 0.2, 0)  # seeded
+            assert sorted(map(id, fit + validation)) == sorted(map(id, cases))
+            assert not {c.fact_id for c in fit} & {c.fact_id for c in validation}
+            # facts join until they hold a fifth of the cases (rounded): at most one fact more
+            assert round(0.2 * len(cases)) <= len(validation) < round(0.2 * len(cases)) + 3
+        assert not {c.case_id for c in validation} & {c.case_id for c in evaluated}
+        assert not {c.fact_id for c in validation} & {c.fact_id for c in evaluated}
+
+
+def test_search_is_one_coordinate_pass_over_every_declared_value():
+    score = {"a": {1: 0.0, 2: 0.5, 3: 0.2}, "b": {"x": 0.0, "y": 0.0, "z": 0.1}}
+    seen = []
+
+    def evaluate(values):
+        seen.append(dict(values))
+        return {"mean": sum(score[h][v] for h, v in values.items())}
+
+    chosen, trials = coordinate_search({"a": 1, "b": "x"}, {"a": [1, 2, 3], "b": ["x", "y", "z"]}, evaluate)
+    assert chosen == {"a": 2, "b": "z"}
+    # a varies with b held at its start, then b with a at its best; the held point runs once
+    assert seen == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}, {"a": 3, "b": "x"}, {"a": 2, "b": "y"},
+                    {"a": 2, "b": "z"}]
+    assert [t["hparams"] for t in trials] == seen and len(trials) == 1 + 2 + 2
+    tied, _ = coordinate_search({"b": "y"}, {"b": ["y", "x"]}, evaluate)
+    assert tied == {"b": "y"}  # a tie keeps the value held
+
+
+def test_every_searched_method_of_the_config_has_the_same_budget():
+    config = load_config(REPO / "config.yaml")
+    searched = [m for m, e in config["methods"].items() if "search" in e]
+    assert {"ft", "ke", "mend", "tpatcher", "ike", "serac", "unike"} <= set(searched)
+    for method in searched:
+        start, space = search_space(config, method)
+        assert all(space[h][0] == v for h, v in start.items())  # the entry's own value joins each list
+        assert 1 + sum(len(v) - 1 for v in space.values()) == TRIALS
+
+
+def _config(**entry) -> dict:
+    return {"seed": 0, "methods": {"m": {"editor": "baselines.ft:FineTune", "hparams": {"lr": 1e-3}, **entry}}}
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({}, "methods.m has no `search`"),
+    ({"search": {"lrr": [1e-2]}}, r"methods.m.search: unknown hyperparameter\(s\) \['lrr'\] of FineTune; known: "),
+    ({"search": {"lr": [1e-2, 1e-3]}}, f"methods.m.search: 2 trials .* every method gets {TRIALS}"),
+    ({"search": {"lr": [1e-2] * 6}, "backbone_hparams": {"b": {"lr": 1e-4}}}, r"\['lr'\] also set per backbone"),
+])
+def test_a_search_entry_is_checked(entry, message):
+    with pytest.raises(ConfigError, match=message):
+        search_space(_config(**entry), "m")
+
+
+def test_the_command_refuses_a_method_without_search_in_one_line():
+    command = [sys.executable, str(REPO / "benchmarks" / "tune.py"), "--config", str(REPO / "config.yaml"),
+               "--method", "backbone"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["tune.py: error: methods.backbone has no `search`: declare the "
+                                                  "values to try per hyperparameter (docs/baselines.md, Tuning)"]
+
+
+def test_trials_prepare_on_the_fit_cases_and_score_the_validation_cases(world_dir, world_config, tmp_path,
+                                                                          monkeypatch):
+    from baselines.tpatcher import TPatcher
+
+    prepared_on = []
+    original = TPatcher.prepare.__func__
+
+    def spy(cls, backbone, hparams, train_cases, out_dir, seed):
+        prepared_on.append({c.case_id for c in train_cases})
+        return original(cls, backbone, hparams, train_cases, out_dir, seed)
+
+    monkeypatch.setattr(TPatcher, "prepare", classmethod(spy))
+    splits = {m: _split(world_dir, world_config, m, tmp_path / m) for m in ("opt", "llama")}
+    config = {"seed": 0, "methods": {"tpatcher": {
+        "editor": "baselines.tpatcher:TPatcher", "hparams": {"max_steps": 3, "memory_size": 200},
+        "search": {"lr": [1e-3, 1e-1], "memory_weight": [1.0], "max_neurons": [1, 2, 3]}}}}
+    record = tune(config, "tpatcher", splits)
+    assert len(record["trials"]) == TRIALS
+    assert [t["hparams"]["lr"] for t in record["trials"][:3]] == [1e-2, 1e-3, 1e-1]
+    # T-Patcher's preparation reads every hyperparameter: one per trial, task and backbone
+    assert len(prepared_on) == TRIALS * len(TASKS) * len(splits)
+    fit = {c.case_id for s in splits.values() for cases in s.fit.values() for c in cases}
+    held = {c.case_id for s in splits.values() for cases in s.validation.values() for c in cases}
+    assert all(ids <= fit and not ids & held for ids in prepared_on)
+    best = max(record["trials"], key=lambda t: t["mean"])
+    assert record["chosen"] == best["hparams"]
+    for t in record["trials"]:
+        for name, scores in t["backbones"].items():
+            assert scores["mean"] == pytest.approx(sum(scores[task]["mean"] for task in TASKS) / len(TASKS))
+    assert record["backbones"]["opt"]["tasks"]["e-vqa"]["validation_cases"] == len(splits["opt"].validation["e-vqa"])
+    lines = tuning_section(json.loads(json.dumps({"tpatcher": record})))  # as RESULTS.md shows tuning.json
+    assert sum(line.startswith("| ") for line in lines) == 2 + TRIALS  # header, rule, one row a trial
+    assert sum("**" in line for line in lines) == 1  # the chosen trial
+    again = splits["opt"].score({"editor": "baselines.tpatcher:TPatcher",
+                                 "hparams": {"max_steps": 3, "memory_size": 200, **best["hparams"]}}, "methods.tpatcher")
+    assert again == best["backbones"]["opt"]  # seeded and deterministic
+
+
+def test_knowledge_is_rebuilt_without_the_validation_cases(world_dir, world_config, tmp_path):
+    backbone = make_backbone(world_config, "llama")
+    train = [c for task in TASKS for c in _cases(world_dir, task, "train")]
+    source = tmp_path / "knowledge"
+    source.mkdir()
+    triplets = collect_triplets(backbone, train, limit=100, max_new_tokens=3)
+    save_triplets(source / "triplets.json", triplets)
+    layers = list(range(len(backbone.text)))
+    save_hidden_states(source / "hidden_states.safetensors", extract_hidden_states(backbone, triplets, layers), layers)
+    encoders = EncoderConfig(truth_dim=8, hidden=32, steps=10, batch_size=8)
+    pretrain_encoders(source, encoders)
+    split = _split(world_dir, world_config, "llama", tmp_path / "tune", knowledge_source=source, encoders=encoders)
+    entry = {"editor": "unike.method.editor:UniKE", "hparams": {"max_steps": 3, "memory_size": 200, "top_k": 2}}
+    scores = split.score(entry, "methods.unike")
+    rebuilt = load_triplets(split.knowledge() / "triplets.json")
+    held = {(str(edit_sample(c).image), edit_sample(c).prompt) for cases in split.validation.values() for c in cases}
+    assert split.triplets_removed > 0 and len(rebuilt) == len(triplets) - split.triplets_removed
+    assert not {(t.image, t.prompt) for t in rebuilt} & held
+    assert (split.knowledge() / "encoders.safetensors").is_file()
+    assert set(scores) == {*TASKS, "mean"}
