@@ -4,6 +4,8 @@ that predicts the weight update of the edited matrices.
 - Condition: the text `"{pred} >> {alt} || {src}"` (pred: the model's own answer; on the
   tiny world the mined greedy answer, on MMEdit the dataset's `pred`) embedded with a copy
   of the edited model's token embeddings, a 1-layer BiLSTM and a tanh linear layer -> c.
+  Text only, as VLKEB's multimodal KE conditions: the image reaches the update only
+  through grad_W L (on E-VQA the condition does not say which creature is pictured).
   On the tiny world's closed word-level vocabulary ">>" and "||" are `<unk>` tokens; they
   still mark the boundaries, and the copied embedding table is trained.
 - Per edited matrix W (out x in): a weight-normed MLP c -> tanh -> 2 (out + in) + 1 split
@@ -28,7 +30,7 @@ the mean over edited matrices of (mean |dW|^p)^(1/p) (VLKEB uses only this one);
 uses both with one multiplier each. The margin shrinks x0.8 (down to its minimum) after
 each window of `margin_every` training edits in which more than `margin_success` of the
 edits were right after the update (KE measures this on a validation split once per epoch;
-we use the training window: there is no validation split of the train cases). Centred
+we use the training window and keep the validation slice out of every training decision). Centred
 RMSprop with linear warm-up and linear decay, as KE. Multimodal addition: the image
 rephrase is a second view of the edit (`image_rephrase: true`). `counterfactual` gives a
 share of the training edits a target the model itself proposes (KE trains on targets
@@ -36,8 +38,23 @@ from the model's beam search; see `unike.hypernet.Counterfactuals`): without it,
 tiny world's train split (4 distinct VQA targets) KE learns to write those targets and
 edits nothing else.
 
+What keeps KE's update in range is max_scale (1 in KE's and VLKEB's training), the
+sigmoid gate and the constraint: `lp` (VLKEB's only one) bounds the update's size, `kl`
+only its effect on the locality inputs. On the tiny world with `kl` and max_scale 100 the
+gradient-free term B carries the update (the gradient term's share of |dW| ~0.03), which
+is then nearly the same matrix for every edit, 1.9-3.7 times |W|; `both` keeps it within
+0.5 |W| (docs/baselines.md, KE). `update_bound` caps every update at a multiple of the
+largest |dW| / |W0| seen on train cases, as for MEND (`unike.hypernet.update_limits`).
+
 Sequential edits accumulate (each edit is predicted at the current weights and added in
-place); `restore` copies the saved weights back (bit-exact).
+place): neither KE nor VLKEB edits in sequence, and this is how EasyEdit applies MEND.
+`restore` copies the saved weights back (bit-exact).
+
+`prepare` holds a validation slice of the train split out of training (`validation_share`,
+whole facts: `unike.hypernet.split_validation`) and records the trained network's figures
+(`measure_ke`): on train cases and on the validation slice the benchmark's scores of each
+update applied alone and |dW| / |W| per edited matrix; on the validation slice also the
+gradient term's share of the update and the update's cosine with the descent direction.
 """
 
 from __future__ import annotations
@@ -48,12 +65,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
 from unike.data import EditCase
 from unike.hypernet import (EditedLinear, HypernetEditor, PrefixCache, ProgressLog, Trained, answer_correct,
-                           answer_kl, answer_nll, capture_factors, edited_linears, save_prepared, training_cases,
-                           upper_logits)
+                           answer_kl, answer_nll, capture_factors, edited_linears, figures_line, probe_updates,
+                           range_sample, save_prepared, split_validation, training_cases, update_figures,
+                           update_limits, upper_logits)
 
 log = logging.getLogger(__name__)
 DIVERGENCES = ("kl", "lp", "both")
@@ -84,6 +103,8 @@ class KEHparams:
     counterfactual: float = 0.0  # share of training edits retargeted to a model-proposed alternative
     counterfactual_k: int = 8  # alternatives per case: the model's top-k at the edited slot
     grad_clip: float = 0.0  # 0: no clipping (KE does not clip)
+    validation_share: float = 0.1  # train cases held out of training for the validation figures (split_validation)
+    update_bound: float = 0.0  # editing: cap |dW| at this multiple of the largest |dW|/|W0| on train cases (0: none)
     log_every: int = 100
 
     def __post_init__(self):
@@ -109,7 +130,7 @@ class Conditioner(nn.Module):
 
 
 class MatrixUpdate(nn.Module):
-    """c and grad_W L -> dW for one (out x in) matrix."""
+    """c and grad_W L -> the two terms of dW for one (out x in) matrix."""
 
     def __init__(self, out_features: int, in_features: int, condition_dim: int, hidden_dim: int, max_scale: float):
         super().__init__()
@@ -118,12 +139,14 @@ class MatrixUpdate(nn.Module):
             weight_norm(nn.Linear(condition_dim, hidden_dim)), nn.Tanh(),
             weight_norm(nn.Linear(hidden_dim, 2 * (out_features + in_features) + 1)))
 
-    def forward(self, condition: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def terms(self, condition: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two terms of dW: the scaled gradient term and the gradient-free term."""
         m, n = self.out_features, self.in_features
         c_a, r_a, c_b, r_b, eta = self.net(condition)[0].split([n, m, n, m, 1])
         a = r_a.softmax(-1)[:, None] * c_a[None, :]
         b = r_b.softmax(-1)[:, None] * c_b[None, :]
-        return self.max_scale * eta.sigmoid() * (grad * a + b)
+        scale = self.max_scale * eta.sigmoid()
+        return scale * grad * a, scale * b
 
 
 class KENetwork(nn.Module):
@@ -137,8 +160,13 @@ class KENetwork(nn.Module):
             for lin in linears})
 
     def updates(self, cond_ids: torch.Tensor, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: with_grad + free for name, (with_grad, free) in self.terms(cond_ids, grads).items()}
+
+    def terms(self, cond_ids: torch.Tensor, grads: dict[str, torch.Tensor]
+              ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per edited matrix, the two terms of its dW (`MatrixUpdate.terms`)."""
         c = self.conditioner(cond_ids)
-        return {name: self.updaters[name.replace(".", "_")](c, grads[name]) for name in self.names}
+        return {name: self.updaters[name.replace(".", "_")].terms(c, grads[name]) for name in self.names}
 
 
 def condition_ids(backbone, template: str, case: EditCase) -> torch.Tensor:
@@ -175,6 +203,7 @@ class KnowledgeEditor(HypernetEditor):
 
 def train_ke(backbone, hp: KEHparams, train_cases: list[EditCase], seed: int) -> Trained:
     torch.manual_seed(seed)
+    fit, validation = split_validation(train_cases, hp.validation_share, seed)
     linears = edited_linears(backbone, hp.n_layers, hp.include_gate)
     net = KENetwork(backbone.model.get_input_embeddings().weight, linears, hp).to(backbone.device).train()
     use_kl, use_lp = hp.divergence in ("kl", "both"), hp.divergence in ("lp", "both")
@@ -188,10 +217,10 @@ def train_ke(backbone, hp: KEHparams, train_cases: list[EditCase], seed: int) ->
     prefixes = PrefixCache(backbone, min(lin.layer for lin in linears))
     progress = ProgressLog("KE", hp.steps, hp.log_every, log)
     window, margins = [], []
-    log.info("KE: training on %d cases for %d steps (divergence %s); edited matrices %s", len(train_cases),
-             hp.steps, hp.divergence, [lin.name for lin in linears])
+    log.info("KE: training on %d cases (%d held out for validation) for %d steps (divergence %s); edited matrices %s",
+             len(fit), len(validation), hp.steps, hp.divergence, [lin.name for lin in linears])
     t0 = time.time()
-    for step, case in enumerate(training_cases(backbone, train_cases, hp.steps, seed, hp.counterfactual,
+    for step, case in enumerate(training_cases(backbone, fit, hp.steps, seed, hp.counterfactual,
                                                hp.counterfactual_k)):
         batch, prefix = prefixes(case)
         base_logits, edit_loss, factors = capture_factors(backbone, prefix, batch, linears, row=0)
@@ -230,7 +259,40 @@ def train_ke(backbone, hp: KEHparams, train_cases: list[EditCase], seed: int) ->
             progress.add(step, loss=loss, pre_nll=edit_loss, nll=nll, kl=kl, lp=lp, rel_ok=ok,
                          gen_ok=(answer_correct(logits, batch, 1) + answer_correct(logits, batch, 2)) / 2,
                          alpha_kl=alpha[0], alpha_lp=alpha[1])
+    train_s = time.time() - t0
     net.eval()
-    return Trained("ke", net, hp, linears, progress.history, time.time() - t0,
+    figures = measure_ke(backbone, net, linears, hp, fit, validation, seed)
+    log.info("KE: %s", figures_line(figures))
+    return Trained("ke", net, hp, linears, progress.history, train_s,
                    {"alpha": {"kl": round(float(alpha[0].detach()), 6), "lp": round(float(alpha[1].detach()), 6)},
-                    "margin": dict(margin), "margins": margins})
+                    "margin": dict(margin), "margins": margins, **figures})
+
+
+def measure_ke(backbone, net: KENetwork, linears: list[EditedLinear], hp: KEHparams, fit: list[EditCase],
+               validation: list[EditCase], seed: int) -> dict:
+    """The trained network's figures for prepared.json (`unike.hypernet.update_figures`):
+    the range of update sizes on train cases; on the validation slice the scores and update
+    sizes under `update_bound`, and what the update is made of: the mean share of the
+    gradient term in |dW| (|grad (.) A| / (|grad (.) A| + |B|)) and the mean cosine of dW
+    with the descent direction -grad."""
+    terms: list[dict[str, float]] = []
+
+    def predict(case, factors):
+        grads = weight_grads(factors)
+        parts = net.terms(condition_ids(backbone, hp.cond_template, case), grads)
+        updates = {name: with_grad + free for name, (with_grad, free) in parts.items()}
+        for name, (with_grad, free) in parts.items():
+            terms.append({"grad_share": float(with_grad.norm() / (with_grad.norm() + free.norm()).clamp(min=1e-12)),
+                          "cos_descent": float(F.cosine_similarity(updates[name].flatten(), -grads[name].flatten(),
+                                                                   dim=0))})
+        return updates
+
+    train_range = update_figures(probe_updates(backbone, linears, range_sample(fit, seed), predict))
+    if not validation:
+        return {"train_range": train_range}
+    terms.clear()
+    figures = update_figures(probe_updates(backbone, linears, validation, predict,
+                                           update_limits(train_range, hp.update_bound, linears)))
+    for key in ("grad_share", "cos_descent"):
+        figures[key] = round(sum(t[key] for t in terms) / len(terms), 4)
+    return {"train_range": train_range, "validation": figures}

@@ -14,8 +14,10 @@ with eta_l a learned step size per edited matrix (initialised to `edit_lr`).
 The network (`GradientTransform`) is one per distinct weight shape, shared by the layers
 of that shape; it standardises u and delta with running mean/std statistics (updated in
 training only) and runs concat(u, delta) through an identity-initialised MLP of low-rank
-residual layers `x + act(s_l * (U V x + b) + t_l)` (U = 0 at init, s_l / t_l a per-matrix
-scale and shift), so an untrained MEND is a standardised gradient step.
+residual layers `x + relu(s_l * (U V x + b) + t_l)` (U = 0 at init, s_l / t_l a per-matrix
+scale and shift; the ReLU in every layer, the output layer's too, as MEND's code clamps),
+so an untrained MEND is a standardised gradient step. Nothing else in MEND keeps an update
+in range: the small initial step size and the locality KL of training do.
 
 `prepare` trains the network and the step sizes on the train split, one edit per step,
 with EasyEdit's multimodal objective: edit on (image, src -> alt) and minimise
@@ -28,8 +30,8 @@ itself, 0 by default as in EasyEdit). Deviation from the original code: the upda
 applied with "-" (a descent step); MEND's code uses "+" and training has to learn to flip
 the sign (mend issue 13).
 
-Two options (off by default, i.e. MEND as published) for small train splits such as the
-tiny world's, whose edits come from 6 creatures and share 4 targets:
+Three options (off by default, i.e. MEND as published) for small train splits such as the
+tiny world's, whose eval edits bring inputs the train split never showed:
 - `std_floor`: MEND standardises every dimension of u and delta by its running std. A
   dimension that barely varies over the train split (a ReLU unit no train input fires)
   gets a tiny std, and an eval input that does use it gets a huge z-score and an update
@@ -39,9 +41,23 @@ tiny world's, whose edits come from 6 creatures and share 4 targets:
 - `counterfactual`: a share of the training edits gets a target the model itself
   proposes (`unike.hypernet.Counterfactuals`), as KE's (and MEND's zsRE) training data
   does, so the network cannot learn to write the train split's few targets.
+- `update_bound`: each update is scaled down, if need be, to `update_bound` times the
+  largest |dW| / |W0| that matrix took on the train cases after training (measured in
+  `prepare`; `unike.hypernet.update_limits`). One edit then stays within the range seen in
+  training, and K edits move a matrix by at most K times that. Measured on the tiny world
+  (docs/baselines.md, MEND): eval updates up to 2.7 times the largest train update in one
+  step (E-VQA) and 10 times in sequence (E-IC), and a drift |W - W0| / |W0| of 1.2-1.8
+  after 10 edits.
 
-Sequential edits accumulate: every `edit` computes a fresh update at the current weights
-and adds it in place; `restore` copies the saved weights back (bit-exact).
+Sequential edits accumulate, as EasyEdit's sequential editing applies MEND: every `edit`
+computes a fresh update at the current weights and adds it in place; `restore` copies the
+saved weights back (bit-exact).
+
+`prepare` holds a validation slice of the train split out of training (`validation_share`,
+whole facts: `unike.hypernet.split_validation`) and records in the prepared folder's
+summary the trained network's figures (`measure_mend`): on train cases and on the
+validation slice, the benchmark's scores of each update applied alone, |dW| / |W| per
+edited matrix and the largest |z| of u and delta.
 
 Which matrices are edited, the capture of u and delta, the answer-position losses, the
 counterfactual targets and the prepared folder come from `unike.hypernet` (shared with KE).
@@ -60,8 +76,9 @@ from torch.nn import functional as F
 from unike.backbones import Backbone
 from unike.data import EditCase
 from unike.hypernet import (EditedLinear, HypernetEditor, PrefixCache, ProgressLog, Trained, answer_correct,
-                           answer_kl, answer_nll, capture_factors, edited_linears, save_prepared, training_cases,
-                           upper_logits)
+                           answer_kl, answer_nll, capture_factors, edited_linears, figures_line, probe_updates,
+                           range_sample, save_prepared, split_validation, training_cases, update_figures,
+                           update_limits, upper_logits)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +103,8 @@ class MENDHparams:
     counterfactual: float = 0.0  # share of training edits retargeted to a model-proposed alternative
     counterfactual_k: int = 8  # alternatives per case: the model's top-k at the edited slot
     grad_clip: float = 100.0
+    validation_share: float = 0.1  # train cases held out of training for the validation figures (split_validation)
+    update_bound: float = 0.0  # editing: cap |dW| at this multiple of the largest |dW|/|W0| on train cases (0: none)
     log_every: int = 100
 
 
@@ -93,9 +112,11 @@ ARCH_FIELDS = ("n_layers", "include_gate", "rank", "n_hidden", "std_floor")
 
 
 class LowRankResidual(nn.Module):
-    """x + act(s_m * (U V x + b) + t_m): identity at init (U = 0), scale/shift per mode."""
+    """x + relu(s_m * (U V x + b) + t_m): identity at init (U = 0), scale/shift per mode.
+    The output layer has the ReLU too: MEND's `LRLinear` (and EasyEdit's copy) takes a
+    `relu` flag but clamps at 0 in every layer."""
 
-    def __init__(self, dim: int, rank: int, n_modes: int, relu: bool):
+    def __init__(self, dim: int, rank: int, n_modes: int):
         super().__init__()
         self.u = nn.Parameter(torch.zeros(dim, rank))
         self.v = nn.Parameter(torch.empty(rank, dim))
@@ -103,12 +124,10 @@ class LowRankResidual(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
         self.scale = nn.Parameter(torch.ones(n_modes, dim))
         self.shift = nn.Parameter(torch.zeros(n_modes, dim))
-        self.relu = relu
 
     def forward(self, x: torch.Tensor, mode: int) -> torch.Tensor:
         pre = (x @ self.v.T) @ self.u.T + self.bias
-        pre = pre * self.scale[mode] + self.shift[mode]
-        return x + (F.relu(pre) if self.relu else pre)
+        return x + F.relu(pre * self.scale[mode] + self.shift[mode])
 
 
 class GradientTransform(nn.Module):
@@ -118,8 +137,7 @@ class GradientTransform(nn.Module):
         super().__init__()
         self.in_dim, self.out_dim, self.std_floor = in_dim, out_dim, std_floor
         dim = in_dim + out_dim
-        self.layers = nn.ModuleList(LowRankResidual(dim, min(rank, dim), n_modes, relu=i < n_hidden)
-                                    for i in range(n_hidden + 1))
+        self.layers = nn.ModuleList(LowRankResidual(dim, min(rank, dim), n_modes) for _ in range(n_hidden + 1))
         # Running statistics of u and delta (Welford): count, means, sums of squared deviations.
         self.register_buffer("count", torch.zeros(()))
         self.register_buffer("mean", torch.zeros(dim))
@@ -138,7 +156,8 @@ class GradientTransform(nn.Module):
         self.m2 += batch_m2 + diff**2 * (self.count * n / total)
         self.count.fill_(total)
 
-    def forward(self, u: torch.Tensor, delta: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def standardise(self, u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """concat(u, delta) standardised by the running statistics (updated in training)."""
         x = torch.cat([u, delta], -1)
         if self.training:
             self._update_stats(x)
@@ -148,7 +167,15 @@ class GradientTransform(nn.Module):
         if self.std_floor > 0:  # per part (u, delta): no dimension's std below a share of the median
             std = torch.cat([part.clamp(min=float(self.std_floor * part.median()))
                              for part in std.split([self.in_dim, self.out_dim])])
-        x = (x - self.mean) / (std + 1e-7)
+        return (x - self.mean) / (std + 1e-7)
+
+    def z_extent(self, u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The largest |z| of u and of delta (2,) over the rows."""
+        z_u, z_delta = self.standardise(u, delta).abs().split([self.in_dim, self.out_dim], -1)
+        return torch.stack([z_u.max(), z_delta.max()])
+
+    def forward(self, u: torch.Tensor, delta: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.standardise(u, delta)
         for layer in self.layers:
             x = layer(x, mode)
         return x.split([self.in_dim, self.out_dim], -1)
@@ -179,6 +206,15 @@ class MENDNetwork(nn.Module):
             out[name] = -self.edit_lrs[i] * (delta_t.T @ u_t)
         return out
 
+    def z_extent(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Per transform, the largest |z| of u and of delta (2,) over its matrices' rows."""
+        out = {}
+        for name in self.names:
+            key = self.shape_key[name]
+            z = self.transforms[key].z_extent(*factors[name])
+            out[key] = torch.maximum(out[key], z) if key in out else z
+        return out
+
 
 # ------------------------------------------------------------------ the editor
 
@@ -201,16 +237,17 @@ class MEND(HypernetEditor):
 
 def train_mend(backbone: Backbone, hp: MENDHparams, train_cases: list[EditCase], seed: int) -> Trained:
     torch.manual_seed(seed)
+    fit, validation = split_validation(train_cases, hp.validation_share, seed)
     linears = edited_linears(backbone, hp.n_layers, hp.include_gate)
     net = MENDNetwork(linears, hp).to(backbone.device).train()
     opt = torch.optim.Adam([{"params": list(net.transforms.parameters()), "lr": hp.lr},
                             {"params": [net.edit_lrs], "lr": hp.lr_lr}], foreach=True)
     prefixes = PrefixCache(backbone, min(lin.layer for lin in linears))
     progress = ProgressLog("MEND", hp.steps, hp.log_every, log)
-    log.info("MEND: training on %d cases for %d steps; edited matrices %s", len(train_cases), hp.steps,
-             [lin.name for lin in linears])
+    log.info("MEND: training on %d cases (%d held out for validation) for %d steps; edited matrices %s", len(fit),
+             len(validation), hp.steps, [lin.name for lin in linears])
     t0 = time.time()
-    for step, case in enumerate(training_cases(backbone, train_cases, hp.steps, seed, hp.counterfactual,
+    for step, case in enumerate(training_cases(backbone, fit, hp.steps, seed, hp.counterfactual,
                                                hp.counterfactual_k)):
         batch, prefix = prefixes(case)
         base_logits, edit_loss, factors = capture_factors(backbone, prefix, batch, linears, row=0)
@@ -230,6 +267,34 @@ def train_mend(backbone: Backbone, hp: MENDHparams, train_cases: list[EditCase],
                          rel_ok=answer_correct(logits, batch, 0),
                          gen_ok=(answer_correct(logits, batch, 1) + answer_correct(logits, batch, 2)) / 2,
                          edit_lr=net.edit_lrs.abs().mean())
+    train_s = time.time() - t0
     net.eval()
-    return Trained("mend", net, hp, linears, progress.history, time.time() - t0,
-                   {"edit_lrs": [round(float(x), 6) for x in net.edit_lrs.detach()]})
+    figures = measure_mend(backbone, net, linears, hp, fit, validation, seed)
+    log.info("MEND: %s", figures_line(figures))
+    return Trained("mend", net, hp, linears, progress.history, train_s,
+                   {"edit_lrs": [round(float(x), 6) for x in net.edit_lrs.detach()], **figures})
+
+
+def measure_mend(backbone: Backbone, net: MENDNetwork, linears: list[EditedLinear], hp: MENDHparams,
+                 fit: list[EditCase], validation: list[EditCase], seed: int) -> dict:
+    """The trained network's figures for prepared.json (`unike.hypernet.update_figures`):
+    on train cases the range seen in training, on the validation slice the scores and update
+    sizes under `update_bound`; for both, the largest |z| of u and of delta per transform
+    (an input far outside the train range of z is what drives an update out of range)."""
+    z_seen: list[dict[str, torch.Tensor]] = []
+
+    def predict(case, factors):
+        z_seen.append(net.z_extent(factors))
+        return net.updates(factors)
+
+    def with_z(figures: dict) -> dict:
+        z_max = {key: torch.stack([z[key] for z in z_seen]).amax(0) for key in net.transforms}
+        z_seen.clear()
+        return {**figures, "z_max": {key: [round(float(x), 3) for x in z] for key, z in z_max.items()}}
+
+    train_range = with_z(update_figures(probe_updates(backbone, linears, range_sample(fit, seed), predict)))
+    if not validation:
+        return {"train_range": train_range}
+    limits = update_limits(train_range, hp.update_bound, linears)
+    return {"train_range": train_range,
+            "validation": with_z(update_figures(probe_updates(backbone, linears, validation, predict, limits)))}

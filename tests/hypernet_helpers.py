@@ -1,7 +1,9 @@
 """Behaviours shared by the hypernetwork editors (KE, MEND; machinery in `unike.hypernet`),
 checked on untrained tiny backbones (OPT and LLaMA): a briefly trained network really
 edits, its checkpoint reloads exactly, restore is bit-exact, runs are reproducible, sequential
-edits accumulate and a stale prepared folder is refused.
+edits accumulate, a stale prepared folder is refused, `prepare` records the update range
+and validation figures, sequential runs record the weight drift, and `update_bound` keeps
+single edits within the range seen in training and sequences within K times it.
 
 A test module subclasses `HypernetEditorTests` as `Test<Method>` and sets `spec`."""
 
@@ -17,8 +19,8 @@ import torch
 
 from unike.data import edit_sample
 from unike.editing import parse_hparams
-from unike.harness import make_sequences, pre_edit_predictions, run_sequences
-from unike.hypernet import Trained, answer_nll, edited_linears, save_prepared
+from unike.harness import make_sequences, pre_edit_predictions, run_sequences, weight_drift
+from unike.hypernet import Trained, answer_nll, edited_linears, save_prepared, split_validation
 
 # An untrained backbone's head has small init weights (row norms ~0.15 after a unit-scale
 # norm), which keeps every logit within about +-0.85: no edit can take the target's NLL much
@@ -52,6 +54,13 @@ def accuracy(editor, case) -> float:
 def target_nll(backbone, case) -> float:
     batch = backbone.encode([edit_sample(case)])
     return float(answer_nll(backbone.logits(batch), batch, 0))
+
+
+def relative_change(editor, name: str) -> float:
+    """|W - W0| / |W0| of one edited matrix."""
+    lin = next(lin for lin in editor.linears if lin.name == name)
+    w0 = editor.snapshot.saved[name]
+    return float((lin.module.weight - w0).norm() / w0.norm())
 
 
 def pre_edit(backbone, cases) -> dict:
@@ -174,3 +183,51 @@ class HypernetEditorTests:
             trained = self.spec.train(backbone, hp, vqa_cases[:2], 0)
         assert [h["step"] for h in trained.history] == [2, 4]
         assert sum(f"{self.spec.label} step" in r.message for r in caplog.records) == 2
+
+    def test_prepare_records_update_range_and_validation_figures(self, backbone, vqa_cases, tmp_path):
+        hp = parse_hparams(self.spec.editor.Hparams, {**self.spec.hp, "steps": 8, "validation_share": 0.3},
+                           self.spec.method)
+        fit, held = split_validation(vqa_cases, 0.3, 0)
+        assert held and fit and len(held) >= 0.3 * len(vqa_cases)
+        # Whole facts are held out: no fact of the validation slice is trained on.
+        assert not {c.fact_id for c in held} & {c.fact_id for c in fit}
+        summary = save_prepared(self.spec.train(backbone, hp, vqa_cases, 0), tmp_path)
+        names = [lin.name for lin in edited_linears(backbone, hp.n_layers)]
+        for figures, n in ((summary["train_range"], len(fit)), (summary["validation"], len(held))):
+            assert figures["n_cases"] == n
+            assert all(0 <= figures[row] <= 1 for row in ("rel", "t_gen", "m_gen", "t_loc", "m_loc"))
+            assert list(figures["rel_update"]) == names
+            assert all(0 < r["mean"] <= r["max"] for r in figures["rel_update"].values())
+
+    def test_sequential_runs_record_weight_drift(self, backbone, vqa_cases, tmp_path):
+        self.prepare(backbone, vqa_cases[:4], tmp_path, steps=8)
+        editor = self.spec.editor(backbone, self.spec.hp, tmp_path)
+        cases = vqa_cases[:3]
+        drift = []
+        run_sequences(editor, [cases], pre_edit(backbone, cases), drift=drift)
+        assert len(drift) == 1 and len(drift[0]) == 3 and all(d > 0 for d in drift[0])
+        assert weight_drift(editor) == 0.0  # restored after the sequence
+        editor.edit(cases[0])  # the first step of the sequence is the first edit alone
+        assert weight_drift(editor) == pytest.approx(drift[0][0])
+        editor.restore()
+        run_sequences(editor, [[c] for c in cases], pre_edit(backbone, cases), drift=drift)
+        assert len(drift) == 1  # one-step runs have no drift to follow
+
+    def test_update_bound_keeps_edits_within_the_range_seen_in_training(self, backbone, vqa_cases, caption_cases,
+                                                                      tmp_path):
+        trained = self.prepare(backbone, vqa_cases[:4], tmp_path, steps=8, validation_share=0.0)
+        train_max = {name: r["max"] for name, r in trained.extra["train_range"]["rel_update"].items()}
+        editor = self.spec.editor(backbone, {**self.spec.hp, "update_bound": 1.0}, tmp_path)
+        # One edit, of the other task (captions; the network saw only VQA edits): every
+        # matrix moves by at most its largest relative update on the train cases.
+        editor.edit(caption_cases[0])
+        assert all(relative_change(editor, name) <= limit * 1.001 for name, limit in train_max.items())
+        editor.restore()
+        # Ten edits in a row: each matrix moves by at most ten times that (the documented
+        # bound: K bounded edits, each at most update_bound x the largest |dW| / |W0| seen in training).
+        for k, case in enumerate(vqa_cases + caption_cases, start=1):
+            editor.edit(case)
+            assert all(relative_change(editor, name) <= k * limit * 1.001 for name, limit in train_max.items())
+        assert k == 10
+        editor.restore()
+

@@ -90,18 +90,18 @@ def test_scored_inputs_get_demos_then_the_stated_fact_and_keep_their_image(backb
 def test_context_limit_drops_least_similar_demos_first_and_logs(backbone, bank, vqa_cases, caplog):
     case = vqa_cases[1]
     sample = edit_sample(case)
-    full = IKE(backbone, {"k": 5}, bank).demonstrations
+    full = IKE(backbone, {"k": 4}, bank).demonstrations
     assert full.context_limit == backbone.model.config.text_config.max_position_embeddings
     full.edit(case)
     n_positions = lambda s: len(backbone.sample_ids(s)[0])
     retrieved = [full.demos[i] for i, _ in full.retrieved]
     whole = Sample(sample.image, render(retrieved + [own_demonstration(case)], case, sample.prompt), sample.answer)
     assert full.fit(sample) == (whole, 0)
-    # A limit that leaves room for exactly the three most similar demonstrations.
+    # A limit that leaves room for exactly the two most similar demonstrations.
     tok = backbone.tokenizer
     sizes = [len(tok(d + DEMO_SEPARATOR, add_special_tokens=False)["input_ids"]) for d in retrieved]
-    limit = n_positions(whole) - sum(sizes[3:])
-    editor = IKE(backbone, {"k": 5, "context_limit": limit}, bank)
+    limit = n_positions(whole) - sum(sizes[2:])
+    editor = IKE(backbone, {"k": 4, "context_limit": limit}, bank)
     editor.edit(case)
     with caplog.at_level(logging.INFO, logger="unike.incontext"):
         preds, targets = editor.predict(case_samples(case))
@@ -110,7 +110,7 @@ def test_context_limit_drops_least_similar_demos_first_and_logs(backbone, bank, 
     assert "dropped" in caplog.text and case.case_id in caplog.text
     fitted, dropped = demos.fit(sample)
     assert dropped == 2 and n_positions(fitted) == limit
-    assert fitted.prompt == render(retrieved[:3] + [own_demonstration(case)], case, sample.prompt)
+    assert fitted.prompt == render(retrieved[:2] + [own_demonstration(case)], case, sample.prompt)
     assert [len(p) for p in preds] == [len(t) for t in targets]
     with pytest.raises(ValueError, match="context limit"):
         tiny = IKE(backbone, {"k": 6, "context_limit": 10}, bank)

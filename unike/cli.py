@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from unike.data import DataError
-from unike.config import ConfigError, cell_config_hash, figure4_points, load_config, method_entry, methods_for
+from unike.config import (ConfigError, cell_config_hash, figure4_points, load_config, method_entry, methods_for,
+                          seed_config, seeds)
 from unike.grid import CROSS_TASK, REGIMES, RUN_TASKS, SPLIT_FILES, Cell, Layout, case_tasks, regime, regimes_for_task
 
 log = logging.getLogger("unike")
@@ -115,7 +116,7 @@ def cmd_mine_edits(args) -> None:
     for (task, split), filename in sorted(SPLIT_FILES.items()):
         records = json.loads((layout.world / filename).read_text(encoding="utf-8"))
         cases = load_cases(layout.world / filename, task, layout.world)
-        answers = backbone.greedy([edit_sample(c) for c in cases], config["data"].get("mining_max_new_tokens", 10))
+        answers = backbone.greedy([edit_sample(c) for c in cases], config["data"].get("mining_max_new_tokens", 12))
         kept = []
         for record, answer in zip(records, answers):
             if answer != record["alt"]:
@@ -181,7 +182,7 @@ def cmd_collect_triplets(args) -> None:
     backbone = _load_backbone(config, layout, args.backbone)
     cases = _train_cases(config, layout, args.backbone, CROSS_TASK)  # the train splits of every task
     limit = config.get("knowledge", {}).get("n_triplets", 15000)
-    triplets = collect_triplets(backbone, cases, limit, config["data"].get("mining_max_new_tokens", 10))
+    triplets = collect_triplets(backbone, cases, limit, config["data"].get("mining_max_new_tokens", 12))
     out = layout.knowledge(args.backbone)
     out.mkdir(parents=True, exist_ok=True)
     save_triplets(out / "triplets.json", triplets)
@@ -265,7 +266,7 @@ def cmd_edit_eval(args) -> None:
     config, layout = _setup(args)
     torch = _torch_setup(config)
     from unike.editing import create_editor, prepare_owners, resolve_editor
-    from unike.harness import load_pre_edit, make_sequences, run_sequences
+    from unike.harness import drift_summary, load_pre_edit, make_sequences, run_sequences
     from unike.metrics import METRIC_VERSION
     from unike.store import write_run
 
@@ -292,8 +293,9 @@ def cmd_edit_eval(args) -> None:
     editor = create_editor(method, backbone, prepared,
                            layout.knowledge(cell.backbone) if cls.needs_knowledge else None)
     log.info("%s: %d sequences, %d edits", cell, len(sequences), sum(map(len, sequences)))
+    drift: list[list[float]] = []
     try:
-        rows = run_sequences(editor, sequences, pre_edit)
+        rows = run_sequences(editor, sequences, pre_edit, drift=drift)
     finally:
         editor.close()
 
@@ -312,6 +314,10 @@ def cmd_edit_eval(args) -> None:
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
     }
+    if drift:  # multi-edit sequences of an editor that changes weights in place
+        provenance["weight_drift"] = drift_summary(drift)
+        log.info("%s: weight drift after each edit (mean over sequences) %s", run_id,
+                 provenance["weight_drift"]["after_edit_mean"])
     write_run(stem.with_suffix(".parquet"), stem.with_suffix(".json"),
               [{"run_id": run_id, **r} for r in rows], provenance)
     log.info("%s: %d rows written to %s", run_id, len(rows), stem.with_suffix(".parquet"))
@@ -326,12 +332,14 @@ def cmd_aggregate(args) -> None:
     for _, provenance_path in pairs:
         provenance = json.loads(provenance_path.read_text(encoding="utf-8"))
         cell = Cell(provenance["method"], provenance["backbone"], provenance["task"], provenance["regime"])
-        if provenance["config_hash"] != cell_config_hash(config, cell):
+        # Each run against its own seed's settings: the seed is one of them.
+        if (provenance["seed"] not in seeds(config)
+                or provenance["config_hash"] != cell_config_hash(seed_config(config, provenance["seed"]), cell)):
             stale.append(str(provenance_path))
     if stale:
         raise ConfigError(f"{len(stale)} run(s) were made under other settings than the config's (config_hash "
-                          f"differs): {', '.join(stale)}; rerun them (snakemake reruns them once the rules "
-                          "carry their settings: --forcerun edit_eval)")
+                          f"differs, or a seed it does not list): {', '.join(stale)}; rerun them (snakemake reruns "
+                          "them once the rules carry their settings: --forcerun edit_eval)")
     aggregate(pairs, layout.db)
     log.info("%s rebuilt from %d runs", layout.db, len(pairs))
 

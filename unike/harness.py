@@ -8,12 +8,19 @@ computed once per (backbone, dataset) and read back from a file.
 
 Each case's batch is exactly the same before and after editing, so a no-op edit gives
 bit-identical logits and a locality of exactly 1.
+
+In multi-edit sequences the harness can also follow how far the edits move the weights
+(`weight_drift`): |W - W0| / |W0| over the parameters an editor changes in place, after
+each edit, for editors that keep those parameters' unedited values in a `ParamSnapshot`
+named `snapshot` (FT, KE, MEND). Editors that add parameters (T-Patcher, UniKE) or edit
+none (IKE, SERAC) have no drift to report.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -22,7 +29,7 @@ import torch
 
 from unike.backbones import Backbone, answer_predictions
 from unike.data import ROWS, EditCase, case_samples
-from unike.editing import Editor
+from unike.editing import Editor, ParamSnapshot
 from unike.grid import regime as regime_named
 from unike.metrics import score_case
 
@@ -83,23 +90,55 @@ def make_sequences(cases_by_task: dict[str, list[EditCase]], regime: str, seed: 
     return [pool[i : i + k] for i in range(0, len(pool) - k + 1, k)]
 
 
+@torch.no_grad()
+def weight_drift(editor: Editor) -> float | None:
+    """|W - W0| / |W0| of the parameters the editor changes in place, taken together as one
+    vector; None for an editor without a `ParamSnapshot` named `snapshot`."""
+    snapshot = getattr(editor, "snapshot", None)
+    if not isinstance(snapshot, ParamSnapshot):
+        return None
+    moved = sum(float((p.float() - snapshot.saved[n].float()).norm() ** 2) for n, p in snapshot.params.items())
+    size = sum(float(w.float().norm() ** 2) for w in snapshot.saved.values())
+    return math.sqrt(moved / size)
+
+
+def drift_summary(drift: list[list[float]]) -> dict:
+    """Per edit position k, the mean and max over sequences of the drift after the k-th edit
+    (non-finite values, of weights that blew up, as None: provenance JSON has no NaN)."""
+    def finite(x: float) -> float | None:
+        return round(x, 6) if math.isfinite(x) else None
+
+    steps = list(zip(*drift))
+    return {"definition": "|W - W0| / |W0| of the edited parameters after the k-th edit of a sequence",
+            "n_sequences": len(drift), "after_edit_mean": [finite(sum(s) / len(s)) for s in steps],
+            "after_edit_max": [finite(max(s)) for s in steps]}
+
+
 def run_sequences(editor: Editor, sequences: list[list[EditCase]], pre_edit: dict[str, dict[str, torch.Tensor]],
-                  progress_every: int = 10) -> list[dict]:
-    """Edit each sequence, score every case of it after its last edit, restore."""
+                  progress_every: int = 10, drift: list[list[float]] | None = None) -> list[dict]:
+    """Edit each sequence, score every case of it after its last edit, restore. Given a
+    `drift` list, each multi-edit sequence of an editor with a drift (`weight_drift`)
+    appends its drift after each of its edits."""
     if any(len(s) > 1 for s in sequences) and not type(editor).supports_sequential(editor.hparams):
         raise ValueError(f"{type(editor).__name__} does not support sequential editing")
     rows, t_start, n_done = [], time.time(), 0
     total = sum(len(s) for s in sequences)
+    follow = drift is not None and weight_drift(editor) is not None
     for seq_id, sequence in enumerate(sequences):
-        edit_times = []
+        edit_times, steps = [], []
         for case in sequence:
             t0 = time.perf_counter()
             editor.edit(case)
             edit_times.append(time.perf_counter() - t0)
+            if follow and len(sequence) > 1:
+                steps.append(weight_drift(editor))
+        if steps:
+            drift.append(steps)
         for case, edit_s in zip(sequence, edit_times):
             preds, targets = editor.predict(case_samples(case))
             scores = score_case(dict(zip(ROWS, preds)), dict(zip(ROWS, targets)), pre_edit[case.case_id])
-            rows.append({"case_id": case.case_id, "task": case.task, "sequence_id": seq_id, **scores, "edit_s": edit_s})
+            rows.append({"case_id": case.case_id, "fact_id": case.fact_id, "task": case.task, "sequence_id": seq_id,
+                         **scores, "edit_s": edit_s})
         editor.restore()
         n_done += len(sequence)
         if n_done % progress_every < len(sequence) or n_done == total:

@@ -9,7 +9,13 @@ the edit input's loss, and are trained in `prepare` one edit per step. What they
 - losses over answer positions (`answer_nll`, `answer_kl`, `answer_correct`) and the
   capture of each edited Linear's inputs and output gradients (`capture_factors`);
 - the training edits, optionally retargeted to model-proposed alternatives
-  (`Counterfactuals`, `training_cases`);
+  (`Counterfactuals`, `training_cases`), and the validation slice held out of them
+  (`split_validation`);
+- the figures `prepare` records of the trained network (`probe_updates`, `update_figures`):
+  edit success and relative update size |dW| / |W| per edited matrix, on train cases (the
+  range seen in training) and on the held-out validation slice;
+- the optional bound of each update at a multiple of the largest relative update seen in
+  training (`update_limits`, `bound_updates`), a stability measure of ours;
 - progress logging, and the prepared folder (`ProgressLog`, `Trained`, `save_prepared`,
   `load_prepared`);
 - the editor around a trained network (`HypernetEditor`).
@@ -22,6 +28,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -30,9 +37,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from unike.backbones import Backbone, Batch, Prefix
-from unike.data import EditCase, case_samples, edit_sample
+from unike.backbones import Backbone, Batch, Prefix, answer_predictions
+from unike.data import ROWS, EditCase, case_samples, edit_sample
 from unike.editing import Editor, ParamSnapshot
+from unike.metrics import score_case
 
 
 @dataclass(frozen=True)
@@ -241,6 +249,102 @@ def _case_order(cases: list[EditCase], steps: int, seed: int) -> list[EditCase]:
     return order[:steps]
 
 
+def split_validation(cases: list[EditCase], share: float, seed: int) -> tuple[list[EditCase], list[EditCase]]:
+    """(fit, validation): a seeded slice of the train split, at least `share` of its cases,
+    held out of training by fact (`fact_id`): no other image or phrasing of a held-out fact
+    is trained on, so the validation edits are new to the network, as the eval split's are.
+    At least one fact is always trained on; share 0 holds out nothing. (The rule of
+    `benchmarks/tune.py`'s validation split, applied inside `prepare`.)"""
+    if share <= 0:
+        return list(cases), []
+    sizes: dict[str, int] = {}
+    for case in cases:
+        sizes[case.fact_id] = sizes.get(case.fact_id, 0) + 1
+    facts = sorted(sizes)
+    random.Random(seed).shuffle(facts)
+    held, n_held = set(), 0
+    for fact in facts[:-1]:
+        if n_held >= share * len(cases):
+            break
+        held.add(fact)
+        n_held += sizes[fact]
+    return [c for c in cases if c.fact_id not in held], [c for c in cases if c.fact_id in held]
+
+
+# The range seen in training is measured on at most this many train cases: the whole train
+# split of a tiny-world task, and a bounded cost (one forward and backward each) on MMEdit's
+# thousands.
+RANGE_CASES = 400
+
+
+def range_sample(cases: list[EditCase], seed: int) -> list[EditCase]:
+    """The train cases the range seen in training is measured on (a seeded sample)."""
+    if len(cases) <= RANGE_CASES:
+        return list(cases)
+    return random.Random(seed).sample(cases, RANGE_CASES)
+
+
+def bound_updates(updates: dict[str, torch.Tensor], limits: dict[str, float] | None) -> dict[str, torch.Tensor]:
+    """Each update scaled down to its limit on |dW| (Frobenius norm); one within it, or with
+    no limits given, is unchanged."""
+    if not limits:
+        return updates
+    return {name: d * (limits[name] / d.norm().clamp(min=1e-12)).clamp(max=1.0) for name, d in updates.items()}
+
+
+def update_limits(train_range: dict, bound: float, linears: list[EditedLinear]) -> dict[str, float] | None:
+    """The largest |dW| each edited matrix may take: `bound` times the largest relative
+    update |dW| / |W0| seen on train cases (`update_figures`' `rel_update` max), times
+    |W0|. The norms are of the unedited weights, so K bounded edits move a matrix by at
+    most K times its limit, whatever the edits before did. bound 0: no limits."""
+    if bound <= 0:
+        return None
+    return {lin.name: bound * train_range["rel_update"][lin.name]["max"] * float(lin.module.weight.float().norm())
+            for lin in linears}
+
+
+def probe_updates(backbone: Backbone, linears: list[EditedLinear], cases: list[EditCase],
+                  predict: Callable[[EditCase, dict], dict[str, torch.Tensor]],
+                  limits: dict[str, float] | None = None) -> list[dict]:
+    """Each case's update (`predict(case, factors)`, bounded by `limits`) applied alone to
+    the current weights: the benchmark's scores of its five inputs (`unike.metrics`, locality
+    against the same weights without the update) and |dW| / |W| of each edited matrix."""
+    first = min(lin.layer for lin in linears)
+    records = []
+    for case in cases:
+        batch = backbone.encode(case_samples(case))
+        prefix = clean_prefix(backbone, batch, first)
+        base_logits, _, factors = capture_factors(backbone, prefix, batch, linears, row=0)
+        with torch.no_grad():
+            updates = bound_updates(predict(case, factors), limits)
+            weights = {lin.name: lin.module.weight + updates[lin.name].to(lin.module.weight.dtype) for lin in linears}
+            logits = upper_logits(backbone, prefix, linears, weights)
+        preds, pre = answer_predictions(logits, batch), answer_predictions(base_logits, batch)
+        scores = score_case(dict(zip(ROWS, preds)), dict(zip(ROWS, batch.answer_targets())), dict(zip(ROWS, pre)))
+        sizes = {lin.name: float(updates[lin.name].norm() / lin.module.weight.float().norm()) for lin in linears}
+        records.append({**{row: scores[row] for row in ROWS}, "rel_update": sizes})
+    return records
+
+
+def update_figures(records: list[dict]) -> dict:
+    """`probe_updates` records summarised: the mean of each score, and per edited matrix the
+    mean and max of |dW| / |W|."""
+    n = len(records)
+    names = list(records[0]["rel_update"]) if records else []
+    return {"n_cases": n, **{row: round(sum(r[row] for r in records) / max(n, 1), 4) for row in ROWS},
+            "rel_update": {name: {"mean": round(sum(r["rel_update"][name] for r in records) / n, 6),
+                                  "max": round(max(r["rel_update"][name] for r in records), 6)} for name in names}}
+
+
+def figures_line(figures: dict) -> str:
+    """One log line of `train_range` and `validation` figures."""
+    def part(name: str, f: dict) -> str:
+        largest = max(r["max"] for r in f["rel_update"].values())
+        return (f"{name} ({f['n_cases']} cases): Rel {f['rel']:.2f}, T-Loc {f['t_loc']:.2f}, "
+                f"M-Loc {f['m_loc']:.2f}, largest |dW|/|W| {largest:.3g}")
+    return "; ".join(part(name, figures[name]) for name in ("train_range", "validation") if name in figures)
+
+
 def _check_prepared(meta: dict, method: str, hparams, arch_fields: tuple[str, ...],
                     linears: list[EditedLinear]) -> None:
     """The prepared folder must match the editor's hyperparameters and backbone."""
@@ -322,13 +426,16 @@ class HypernetEditor(Editor):
     """An editor whose trained network maps the edit input's captured factors to an update
     of every edited matrix. Subclasses name the prepared files (`method`), list the
     hyperparameters the saved network must match (`arch_fields`) and define
-    `build_network` and `updates`. Sequential edits accumulate: each update is predicted
-    at the current weights and added in place; `restore` copies the saved weights back
-    (bit-exact)."""
+    `build_network` and `updates`. Sequential edits accumulate, as EasyEdit's sequential
+    MEND does: each update is predicted at the current weights and added in place;
+    `restore` copies the saved weights back (bit-exact). With `update_bound` > 0 every
+    update is first scaled down to `update_limits` (measured in `prepare`)."""
 
     needs_training = True
     method: ClassVar[str]
     arch_fields: ClassVar[tuple[str, ...]]
+    # Read when editing, not by `prepare`: variants that differ only in them share a folder.
+    edit_fields: ClassVar[tuple[str, ...]] = ("update_bound",)
     float32_parts = {"net": "the hypernetwork trains in float32 in prepare (as mixed-precision training keeps "
                             "float32 master weights) on float32 gradient factors (`capture_factors`); each "
                             "update it predicts is added to the edited weight in the weight's dtype"}
@@ -337,11 +444,19 @@ class HypernetEditor(Editor):
         super().__init__(backbone, hparams, prepared)
         self.linears = edited_linears(backbone, self.hparams.n_layers, self.hparams.include_gate)
         self.net = self.build_network(backbone, self.linears, self.hparams)
-        load_prepared(self.net, prepared, self.method, self.hparams, self.arch_fields, self.linears)
+        meta = load_prepared(self.net, prepared, self.method, self.hparams, self.arch_fields, self.linears)
         self.net.eval().requires_grad_(False)
         self.net.to(backbone.device)
         self.first_layer = min(lin.layer for lin in self.linears)
         self.snapshot = ParamSnapshot({lin.name: lin.module.weight for lin in self.linears})
+        if "train_range" not in meta["summary"]:  # written before the update range was measured
+            raise ValueError(f"{self.method}: {prepared} was prepared by an older version (no update range): "
+                             "re-run prepare-editor")
+        self.limits = update_limits(meta["summary"]["train_range"], self.hparams.update_bound, self.linears)
+
+    @classmethod
+    def prepare_key(cls, hparams) -> tuple:
+        return tuple(sorted((k, v) for k, v in dataclasses.asdict(hparams).items() if k not in cls.edit_fields))
 
     @staticmethod
     def build_network(backbone: Backbone, linears: list[EditedLinear], hparams) -> nn.Module:
@@ -357,7 +472,7 @@ class HypernetEditor(Editor):
         prefix = clean_prefix(self.backbone, batch, self.first_layer)
         _, _, factors = capture_factors(self.backbone, prefix, batch, self.linears)
         with torch.no_grad():
-            updates = self.updates(case, factors)
+            updates = bound_updates(self.updates(case, factors), self.limits)
             for lin in self.linears:
                 lin.module.weight.add_(updates[lin.name].to(lin.module.weight.dtype))
 
