@@ -70,7 +70,7 @@ def main() -> None:
             report = json.loads(training.read_text(encoding="utf-8"))
             backbones[training.parent.name] = {**{k: report["heldout"][k] for k in ("token_acc", "exact_match", "by_topic")},
                                                "image_feature_spread": report["image_feature_spread"],
-                                               "train_s": report["train_s"]}
+                                               "train_s": report["train_s"], "context": report.get("context")}
     figures = {"config": args.name, "cores": args.cores, "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20),
                "machine": f"{platform.machine()} {psutil.cpu_count()} cpus, {round(psutil.virtual_memory().total / 2**30)} GiB",
                "date": time.strftime("%Y-%m-%d")}

@@ -34,12 +34,28 @@ def main() -> None:
                 lines.append(f"|  | *{r['note']}* | | | | |")
     if "tiny-backbones" in results:
         lines += ["", "## Tiny backbones (default config, `pretrain_backbone`)", "",
-                  "| backbone | held-out answer-token accuracy | exact match | image-feature spread | training time |",
-                  "| --- | --- | --- | --- | --- |"]
+                  "Held-out: fresh renders (`pretrain_eval.json`). Context use (`context_eval.json`, exact match): "
+                  "the eval split's subjects, never stated in a training record; *follows* = the answer is the "
+                  "stated fact, *keeps* = the stated fact is about another creature (or a scene's picture) or "
+                  "another fact, and the answer is the backbone's own (a blind copier scores 0 there); "
+                  "*before* = plain held-out exact match before the context phase.", "",
+                  "| backbone | held-out answer-token accuracy | exact match (before the context phase) "
+                  "| text facts (T-Loc's) exact match | follows | keeps: another creature / another fact "
+                  "| image-feature spread | training time |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in sorted(results["tiny-backbones"].items()):
             spread = f"{r['image_feature_spread']:.2f}" if "image_feature_spread" in r else "not recorded"
-            lines.append(f"| {name} | {100 * r['token_acc']:.1f}% | {100 * r['exact_match']:.1f}% | {spread} "
-                         f"| {r['train_s']:.0f} s |")
+            context = r.get("context") or {}
+            held = context.get("heldout")
+            before = f" ({100 * context['plain_before']['exact_match']:.1f}%)" if context else ""
+            text = [v["exact_match"] for k, v in r["by_topic"].items() if k.startswith("text-")]
+            follows = f"{100 * held['follow']:.1f}%" if held else "-"
+            keeps = f"{100 * held['keep_other']:.1f}% / {100 * held['keep_otherfact']:.1f}%" if held else "-"
+            lines.append(f"| {name} | {100 * r['token_acc']:.1f}% | {100 * r['exact_match']:.1f}%{before} "
+                         f"| {100 * sum(text) / len(text):.1f}% | {follows} | {keeps} | {spread} | {r['train_s']:.0f} s |")
+    r = results.get("landscape")
+    if r:
+        lines += landscape_section(r)
     r = results.get("per_edit")
     if r:
         lines += ["", f"## Per edit: harness against the plain way (`per_edit.py`, {r['method']}, {r['device']})", "",
@@ -122,6 +138,27 @@ def tuning_section(r: dict) -> list[str]:
             cells += [f"{100 * t['backbones'][b]['mean']:.1f}" for b in backbones]
             cells += [f"{bold}{100 * t['mean']:.1f}{bold}", f"{t['seconds']:.0f}"]
             lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def landscape_section(r: dict) -> list[str]:
+    """The six baselines' one-step ordering against the paper's (`landscape.py`)."""
+    metrics = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
+    lines = ["", "## The baselines' landscape against the paper's (`landscape.py`, Table 1 one-step)", "",
+             f"{r['statistic']}: > 0 where our ordering of the baselines agrees with the paper's more than it "
+             f"disagrees. Agree: {r['agree']}, disagree: {r['disagree']}, neither: {r['neither']} "
+             f"(of {len(r['cells']) * len(metrics)}).", "",
+             "| backbone | task | Rel | T-Gen | M-Gen | T-Loc | M-Loc |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in r["cells"]:
+        lines.append(f"| {c['backbone']} | {c['task']} | " + " | ".join(f"{c['tau'][m]:+.2f}" for m in metrics) + " |")
+    lines.append("| mean | | " + " | ".join(f"{r['mean_tau_by_metric'][m]:+.2f}" for m in metrics) + " |")
+    lines += ["", "Ours (token accuracy, %) and the paper's, per cell: Rel / T-Gen / M-Gen / T-Loc / M-Loc.", "",
+              "| backbone | task | method | ours | paper |", "| --- | --- | --- | --- | --- |"]
+    for c in r["cells"]:
+        for m in c["methods"]:
+            lines.append(f"| {c['backbone']} | {c['task']} | {m} | "
+                         + " / ".join(f"{c['ours'][m][k]:.1f}" for k in metrics) + " | "
+                         + " / ".join(f"{c['paper'][m][k]:.1f}" for k in metrics) + " |")
     return lines
 
 

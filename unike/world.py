@@ -184,10 +184,10 @@ def tokenize(text: str) -> list[str]:
 @dataclass(frozen=True)
 class WorldConfig:
     n_creatures: int = 320
-    n_familiar: int = 96          # creatures of the pretraining corpus; the rest are new to the backbone
-    n_changed: int = 46           # familiar creatures with one or both facts changed in the current world
+    n_familiar: int = 32          # creatures of the pretraining corpus; the rest are new to the backbone
+    n_changed: int = 12           # familiar creatures with one or both facts changed in the current world
     n_eval_subjects: int = 60     # edit subjects (changed and new creatures) of the eval split
-    pretrain_images_per_creature: int = 8
+    pretrain_images_per_creature: int = 16
     n_pretrain_scenes: int = 600
     # Edit cases per split; up to the number of facts each case is a distinct fact, beyond
     # it the facts recur with other templates and renders.
