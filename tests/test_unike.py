@@ -1,6 +1,8 @@
 """UniKE's editor on untrained tiny backbones, with a knowledge folder built by the real
 pipeline functions (triplets -> hidden states -> encoders)."""
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,6 +19,11 @@ from unike.neurons import key_init
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
+
+
+def one_token(case):
+    """The case with a one-token answer (the last word of its two-word value)."""
+    return dataclasses.replace(case, alt=case.alt.split()[-1])
 
 def _knowledge_and_prepared(backbone, train, tmp_path):
     knowledge, prepared = tmp_path / "knowledge", tmp_path / "prepared"
@@ -98,8 +105,9 @@ def test_retrieval_ignores_answer_tokens(backbone, vqa_cases, unike_dirs):
 
 @pytest.mark.parametrize("variant", ["full", "intrin+ike"])
 def test_one_step_edit_fixes_the_mistake_and_restores_exactly(backbone, vqa_cases, unike_dirs, request, variant):
-    """UniKE (latent knowledge, fixed alpha) and Intrin+IKE (demonstrations in the prompt)."""
-    case = vqa_cases[0]
+    """UniKE (latent knowledge, fixed alpha) and Intrin+IKE (demonstrations in the prompt),
+    on a one-token answer (the untrained test backbone; multi-token edits: test_unike_variants)."""
+    case = one_token(vqa_cases[0])
     weights = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     other = case_samples(vqa_cases[1])
     untouched = backbone.logits(backbone.encode(other))
@@ -151,7 +159,7 @@ def test_zeta_is_mapped_once_and_each_variant_regulates_differently(backbone, vq
 
 def test_neurons_of_a_one_token_answer_start_and_stay_distinct(backbone, vqa_cases, unike_dirs):
     """All n neurons start on the one answer-predicting position; identical keys would stay identical."""
-    case = vqa_cases[0]
+    case = one_token(vqa_cases[0])
     assert int(backbone.encode([edit_sample(case)]).answer_mask.sum()) == 1
     editor = _unike(backbone, unike_dirs, external="none", n_neurons=5, max_steps=50)
     editor.edit(case)
@@ -173,8 +181,6 @@ def test_no_neurons_when_the_latent_knowledge_alone_fixes_the_edit(world_config,
     """A backbone that leans on its attention output (out_proj scaled up), so the retrieved
     knowledge states steer its answer: an edit they already fix gets no neurons, and the
     edited model is the latent-only one on every scored input."""
-    import dataclasses
-
     from tests.conftest import make_backbone
     from unike.method.latent_ike import _attention_parts
 
@@ -185,15 +191,20 @@ def test_no_neurons_when_the_latent_knowledge_alone_fixes_the_edit(world_config,
     dirs = _knowledge_and_prepared(backbone, vqa_cases[2:] + caption_cases, tmp_path)
     latent_only = dict(intrinsic=False, alpha=1.0)
     fixed = None
-    for case in vqa_cases:  # the answer the latent knowledge gives, where the bare model gives another
+    def steer(case):  # the latent-only model's answer to the edit input, and the target
         editor = _unike(backbone, dirs, **latent_only)
-        editor.edit(case)
-        (steered,), _ = editor.predict([edit_sample(case)])
+        editor.edit(case)  # the edit's own knowledge pair holds its answer: steering depends on it
+        (pred,), (target,) = editor.predict([edit_sample(case)])
         editor.restore()
         editor.close()
-        candidate = dataclasses.replace(case, alt=backbone.tokenizer.decode(steered).strip())
+        return pred, target
+
+    for case in map(one_token, vqa_cases):  # an answer the latent knowledge gives, where the bare model gives another
+        candidate = dataclasses.replace(case, alt=backbone.tokenizer.decode(steer(case)[0]).strip())
+        pred, target = steer(candidate)
         bare = backbone.encode([edit_sample(candidate)])
-        if not torch.equal(backbone.logits(bare)[0, :-1].argmax(-1)[bare.answer_mask[0, 1:]], steered):
+        if torch.equal(pred, target) and not torch.equal(
+                backbone.logits(bare)[0, :-1].argmax(-1)[bare.answer_mask[0, 1:]], target):
             fixed = candidate
             break
     assert fixed is not None
@@ -201,7 +212,7 @@ def test_no_neurons_when_the_latent_knowledge_alone_fixes_the_edit(world_config,
     for name, hp in (("latent-only", latent_only), ("unike", dict(alpha=1.0))):
         editor = _unike(backbone, dirs, **hp)
         editor.edit(fixed)
-        assert not editor.patcher.neurons
+        assert not editor.patcher.neurons, name
         results[name] = editor.predict(case_samples(fixed) + case_samples(vqa_cases[1]))
         editor.restore()
         editor.close()

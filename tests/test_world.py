@@ -169,7 +169,7 @@ def test_from_dict_rejects_unknown_key():
 
 
 @pytest.mark.parametrize("bad, key", [(dict(n_eval_subjects=0), "n_eval_subjects"),
-                                      (dict(n_creatures=96, n_changed=40, n_eval_subjects=40), "n_eval_subjects"),
+                                      (dict(n_eval_subjects=300), "n_eval_subjects"),
                                       (dict(image_size=16), "image_size"),
                                       (dict(n_creatures=400), "n_creatures"),
                                       (dict(n_familiar=400), "n_familiar"),
