@@ -241,6 +241,9 @@ def _summary(acc: dict) -> dict:
                          for k, v in acc["by_topic"].items()}}
 
 
+_MICRO_BATCH = 16
+
+
 def context_phase(backbone: Backbone, world_dir: Path, plain: list[Sample], train: PretrainConfig,
                   threads: int = 1) -> dict:
     """Teach the pretrained backbone to answer from a fact stated in its prompt.
@@ -275,19 +278,28 @@ def context_phase(backbone: Backbone, world_dir: Path, plain: list[Sample], trai
     for step in range(train.context_steps):
         idx = torch.randint(len(samples), (n_context,), generator=gen).tolist()
         rest = torch.randint(len(plain), (train.batch_size - n_context,), generator=gen).tolist()
-        batch = backbone.encode([samples[i] for i in idx] + [plain[i] for i in rest], with_eos=True)
-        logits = backbone.logits(batch)  # image features: computed once, cached by path
-        mask = batch.answer_mask[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1][mask], batch.input_ids[:, 1:][mask])
+        chosen = [samples[i] for i in idx] + [plain[i] for i in rest]
+        # Context records run from 20 to 230 tokens: padding the whole batch to its longest
+        # cost most of the step, so it runs as micro-batches of similar length, one update.
+        chosen.sort(key=lambda s: len(backbone.sample_ids(s)[0]))
+        micro = [backbone.encode(chosen[i: i + _MICRO_BATCH], with_eos=True)
+                 for i in range(0, len(chosen), _MICRO_BATCH)]
+        n_tokens = sum(int(b.answer_mask[:, 1:].sum()) for b in micro)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for batch in micro:
+            logits = backbone.logits(batch)  # image features: computed once, cached by path
+            mask = batch.answer_mask[:, 1:]
+            part = torch.nn.functional.cross_entropy(logits[:, :-1][mask], batch.input_ids[:, 1:][mask],
+                                                     reduction="sum") / n_tokens
+            part.backward()
+            loss += float(part.detach())
         torch.nn.utils.clip_grad_norm_(lm, 1.0)
         opt.step()
         sched.step()
         if step % 50 == 0 or step == train.context_steps - 1:
-            history.append({"step": step, "loss": float(loss.detach()), "s": time.time() - t0})
-            log.info("context step %d/%d loss %.4f (%.0f s)", step, train.context_steps, float(loss.detach()),
-                     time.time() - t0)
+            history.append({"step": step, "loss": loss, "s": time.time() - t0})
+            log.info("context step %d/%d loss %.4f (%.0f s)", step, train.context_steps, loss, time.time() - t0)
     model.eval()
     for p in lm:
         p.requires_grad_(False)
