@@ -49,8 +49,12 @@ def main() -> None:
             held = context.get("heldout")
             before = f" ({100 * context['plain_before']['exact_match']:.1f}%)" if context else ""
             text = [v["exact_match"] for k, v in r["by_topic"].items() if k.startswith("text-")]
-            follows = f"{100 * held['follow']:.1f}%" if held else "-"
-            keeps = f"{100 * held['keep_other']:.1f}% / {100 * held['keep_otherfact']:.1f}%" if held else "-"
+            n = context.get("heldout_n", {})
+
+            def rate(key):
+                return f"{100 * held[key]:.1f}% (n={n[key]})" if key in n else f"{100 * held[key]:.1f}%"
+            follows = rate("follow") if held else "-"
+            keeps = f"{rate('keep_other')} / {rate('keep_otherfact')}" if held else "-"
             lines.append(f"| {name} | {100 * r['token_acc']:.1f}% | {100 * r['exact_match']:.1f}%{before} "
                          f"| {100 * sum(text) / len(text):.1f}% | {follows} | {keeps} | {spread} | {r['train_s']:.0f} s |")
     r = results.get("landscape")

@@ -310,7 +310,9 @@ def context_phase(backbone: Backbone, world_dir: Path, plain: list[Sample], trai
                      "keep_otherfact": by["context-otherfact"]["exact_match"]}
     log.info("context use, held out: follows the stated fact %.3f, keeps its own answer %.3f (another "
              "creature) and %.3f (another fact)", *heldout_rates.values())
-    return {"heldout": heldout_rates, "heldout_detail": _summary(acc), "history": history,
+    heldout_n = {"follow": by["context-follow"]["n"], "keep_other": by["context-other"]["n"],
+                 "keep_otherfact": by["context-otherfact"]["n"]}
+    return {"heldout": heldout_rates, "heldout_n": heldout_n, "heldout_detail": _summary(acc), "history": history,
             "train_s": time.time() - t0, "n_records": len(records)}
 
 
