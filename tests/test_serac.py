@@ -1,5 +1,7 @@
 """SERAC on untrained tiny backbones: routing, no label leak into the scope classifier,
-memory and restore, determinism, configurable parts."""
+answer words no train label holds, memory and restore, determinism, configurable parts."""
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,10 +13,11 @@ from baselines.serac import (
     ScopeClassifier,
     ScopeInput,
     SERACHparams,
+    _vocabulary_words,
     cf_sample,
 )
 from unike.backbones import answer_predictions
-from unike.data import case_samples, edit_prompt, load_cases, vqa_prompt
+from unike.data import ROWS, case_samples, edit_prompt, load_cases, vqa_prompt
 from unike.editing import NoEdit, parse_hparams
 from unike.harness import make_sequences, pre_edit_predictions, run_sequences
 
@@ -41,11 +44,39 @@ def prepared_opt(tmp_path_factory, world_config, train_cases):
     return backbone, out, hp, summary
 
 
-def test_prepare_trains_both_parts_and_writes_its_folder(prepared_opt):
+def test_prepare_trains_both_parts_and_writes_its_folder(prepared_opt, train_cases):
     _, out, _, summary = prepared_opt
     assert (out / WEIGHTS).is_file() and (out / META).is_file()
     assert summary["cls_loss_last"] < summary["cls_loss_first"]
     assert summary["n_cf_trainable"] > 0
+    # The saved editor's figures on the train cases held out of both parts' training.
+    assert summary["cf_steps"] == FAST["cf_steps"]
+    for name in ("validation", "validation_vocab"):
+        figures = summary[name]
+        assert figures["n_cases"] >= 1 and summary["n_fit"] + figures["n_cases"] == len(train_cases)
+        assert all(0.0 <= figures[row] <= 1.0 for row in ROWS) and figures["cf_nll"] > 0
+
+
+def test_counterfactual_model_copies_an_answer_word_no_train_label_has(world_config, train_cases, vqa_cases,
+                                                                       tmp_path):
+    """An edit whose answer is a word of no train record is answered with that word when
+    routed: the vocabulary labels teach the counterfactual model to copy any word (with
+    train labels only, it answered eval edits with train labels)."""
+    backbone = make_backbone(world_config, "opt")
+    seen = {w for c in train_cases for label in (c.alt, c.pred, c.loc_ans, c.m_loc_a) for w in label.split()}
+    new_words = [w for w in _vocabulary_words(backbone.tokenizer) if w not in seen][:3]
+    assert new_words
+    # An untrained 2-layer backbone learns to copy faster at a larger learning rate.
+    _, hp = _prepare(backbone, train_cases, tmp_path, cls_steps=1, cf_steps=600, cf_batch=16, cf_lr=3e-3,
+                     cf_label_shuffle=0.4, cf_label_vocab=0.5)
+    editor = SERAC(backbone, hp, tmp_path)
+    for case, word in zip(vqa_cases, new_words):
+        edit = replace(case, alt=word)
+        editor.edit(edit)
+        preds, _ = editor.predict([case_samples(edit)[0]])  # the edit input itself: in scope (score 1)
+        assert editor.last_routed == [0]
+        assert backbone.tokenizer.decode(preds[0]).strip() == word
+        editor.restore()
 
 
 def test_routes_in_scope_rephrase_to_the_counterfactual_model_and_locality_to_the_base(prepared_opt, train_cases):
