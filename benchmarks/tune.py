@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -55,6 +54,7 @@ from unike.data import DataError, EditCase, edit_sample
 from unike.editing import Editor, create_editor, parse_hparams, preparation, resolve_editor
 from unike.grid import ONE_STEP, TASKS, Layout
 from unike.harness import make_sequences, pre_edit_predictions, pre_edit_tensors, run_sequences
+from unike.hypernet import split_validation
 from unike.method.encoders import EncoderConfig, pretrain_encoders
 from unike.method.knowledge import load_triplets, save_hidden_states, save_triplets
 
@@ -114,23 +114,13 @@ def coordinate_search(start: dict, space: dict[str, list], evaluate: Callable[[d
 
 
 def split_by_fact(cases: list[EditCase], share: float, seed: int) -> tuple[list[EditCase], list[EditCase]]:
-    """(fit, validation): seeded facts held out until they hold `share` of the cases (at
-    least one case); every case of a fact on one side."""
-    sizes: dict[str, int] = {}
-    for c in cases:
-        sizes[c.fact_id] = sizes.get(c.fact_id, 0) + 1
-    facts = sorted(sizes)
-    random.Random(seed).shuffle(facts)
-    target, held, n_held = max(1, round(share * len(cases))), set(), 0
-    for fact in facts:
-        if n_held >= target:
-            break
-        held.add(fact)
-        n_held += sizes[fact]
-    fit = [c for c in cases if c.fact_id not in held]
-    if not fit:
-        raise ConfigError(f"{len(facts)} fact(s) in {len(cases)} train cases: too few to hold any out")
-    return fit, [c for c in cases if c.fact_id in held]
+    """(fit, validation): the rule trained editors' `prepare` holds out by (whole facts,
+    seeded, at least `share` of the cases), refused where it cannot hold any fact out."""
+    fit, validation = split_validation(cases, share, seed)
+    if not validation:
+        raise ConfigError(f"{len({c.fact_id for c in cases})} fact(s) in {len(cases)} train cases: "
+                          "too few to hold any out")
+    return fit, validation
 
 
 def knowledge_without(source: Path, target: Path, validation: list[EditCase], enc_cfg: EncoderConfig) -> int:
