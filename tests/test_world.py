@@ -18,6 +18,7 @@ from unike.world import (
     MMEDIT_FIELDS,
     REPHRASE_TEMPLATES,
     WorldConfig,
+    creature_index,
     edit_facts,
     generate_world,
     make_creatures,
@@ -30,7 +31,6 @@ from tests.conftest import SMALL_WORLD
 
 EDIT_FILES = ("vqa_train.json", "vqa_eval.json", "caption_train_edit.json", "caption_eval_edit.json")
 CONTEXT_FILES = ("context.json", "context_eval.json")
-CREATURE_IMG = re.compile(r"images/(creatures|rephrase)/c(\d{3})_")
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +44,6 @@ def load(world_dir: Path, name: str):
 
 def all_files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def creature_of(image: str | None) -> int | None:
-    m = CREATURE_IMG.match(image or "")
-    return int(m.group(2)) if m else None
 
 
 def test_deterministic(tmp_path, world_dir, cfg):
@@ -88,8 +83,8 @@ def test_edits_are_changes_and_splits_disjoint(world_dir):
         split = "train" if "train" in name else "eval"
         for r in load(world_dir, name):
             assert r["alt"] != r["pred"]
-            idx = creature_of(r["image"])
-            assert idx == creature_of(r["image_rephrase"])
+            idx = creature_index(r["image"])
+            assert idx == creature_index(r["image_rephrase"])
             c = creatures[idx]
             assert c["split"] == split and c["changed_facts"]
             assert r["fact_id"] == f"c{idx:03d}-" + ("caption" if name.startswith("caption") else
@@ -110,7 +105,7 @@ def test_pretrain_has_only_old_facts_of_familiar_creatures(world_dir):
     by_name = {c["name"]: c for c in creatures}
     for name in ("pretrain.json", "pretrain_eval.json"):
         for r in load(world_dir, name):
-            idx = creature_of(r["image"])
+            idx = creature_index(r["image"])
             c = creatures[idx] if idx is not None else None
             if c is None:
                 named = [by_name[t] for t in tokenize(r["prompt"]) if t in by_name]
@@ -128,7 +123,7 @@ def test_rephrase_templates_never_src(world_dir):
             assert r["src"] not in held_out
             assert r["rephrase"] in held_out
             if name.startswith("caption"):
-                assert len(tokenize(r["alt"])) >= 6 and creatures[creature_of(r["image"])]["changed_facts"]
+                assert len(tokenize(r["alt"])) >= 6 and creatures[creature_index(r["image"])]["changed_facts"]
     # ... but the rephrase templates are part of the pretraining corpus.
     prompts = {r["prompt"] for r in load(world_dir, "pretrain.json")}
     assert held_out <= prompts
@@ -276,7 +271,7 @@ def test_context_records_follow_the_stated_fact_or_keep_the_old_world(world_dir)
                 assert stated.endswith(" " + r["answer"])
             else:  # the old world's answer about whoever the prompt asks about
                 named = [by_name[t] for t in tokenize(prompt) if t in by_name]
-                asked = named[0] if named else creatures[creature_of(r["image"])] if creature_of(r["image"]) else None
+                asked = named[0] if named else creatures[creature_index(r["image"])] if creature_index(r["image"]) else None
                 assert asked is None or r["answer"] in asked["old"].values(), r
             words = set(tokenize(r["prompt"] + " " + r["answer"]))
             for c in creatures:
@@ -285,7 +280,7 @@ def test_context_records_follow_the_stated_fact_or_keep_the_old_world(world_dir)
                         # a stated value never is the current one (captions: with the creature's name)
                         assert f"the {c['name']}? {c['current'][f]}" not in r["prompt"]
                         assert not re.search(rf"a {c['name']} eating .*{c['current'][f]}", r["prompt"])
-            pictured = creature_of(r["image"])
+            pictured = creature_index(r["image"])
             if name == "context.json":
                 assert not (words & held_out) and (pictured is None or creatures[pictured]["name"] not in held_out)
             elif r["topic"] != "context-other" and pictured is not None:

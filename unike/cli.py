@@ -102,6 +102,11 @@ def _load_backbone(config: dict, layout: Layout, name: str):
                          cpu_float32_fallback=config.get("cpu_float32_fallback", True))
 
 
+def _mining_tokens(config: dict) -> int:
+    """Greedy answer length of mining (edits and triplets); the schema documents the default."""
+    return config["data"].get("mining_max_new_tokens", 12)
+
+
 def cmd_mine_edits(args) -> None:
     """Keep the tiny world's edit candidates the backbone really gets wrong; `pred` becomes
     its greedy answer."""
@@ -116,7 +121,7 @@ def cmd_mine_edits(args) -> None:
     for (task, split), filename in sorted(SPLIT_FILES.items()):
         records = json.loads((layout.world / filename).read_text(encoding="utf-8"))
         cases = load_cases(layout.world / filename, task, layout.world)
-        answers = backbone.greedy([edit_sample(c) for c in cases], config["data"].get("mining_max_new_tokens", 12))
+        answers = backbone.greedy([edit_sample(c) for c in cases], _mining_tokens(config))
         kept = []
         for record, answer in zip(records, answers):
             if answer != record["alt"]:
@@ -182,7 +187,7 @@ def cmd_collect_triplets(args) -> None:
     backbone = _load_backbone(config, layout, args.backbone)
     cases = _train_cases(config, layout, args.backbone, CROSS_TASK)  # the train splits of every task
     limit = config.get("knowledge", {}).get("n_triplets", 15000)
-    triplets = collect_triplets(backbone, cases, limit, config["data"].get("mining_max_new_tokens", 12))
+    triplets = collect_triplets(backbone, cases, limit, _mining_tokens(config))
     out = layout.knowledge(args.backbone)
     out.mkdir(parents=True, exist_ok=True)
     save_triplets(out / "triplets.json", triplets)

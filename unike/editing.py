@@ -37,6 +37,10 @@ class Editor:
     # Everything else an editor holds or adds to the model is in the model's dtype
     # (`Backbone.dtype`; tests/test_bf16.py checks both).
     float32_parts: ClassVar[dict[str, str]] = {}
+    # The unedited values of the weights the editor changes in place (FT, KE, MEND), which
+    # `restore` puts back and sequential runs measure the drift against; None for editors
+    # that add parameters or change none.
+    snapshot: "ParamSnapshot | None" = None
 
     @classmethod
     def supports_sequential(cls, hparams) -> bool:

@@ -11,8 +11,8 @@ bit-identical logits and a locality of exactly 1.
 
 In multi-edit sequences the harness can also follow how far the edits move the weights
 (`weight_drift`): |W - W0| / |W0| over the parameters an editor changes in place, after
-each edit, for editors that keep those parameters' unedited values in a `ParamSnapshot`
-named `snapshot` (FT, KE, MEND). Editors that add parameters (T-Patcher, UniKE) or edit
+each edit, for editors that keep those parameters' unedited values in `Editor.snapshot`
+(FT, KE, MEND). Editors that add parameters (T-Patcher, UniKE) or edit
 none (IKE, SERAC) have no drift to report.
 """
 
@@ -29,7 +29,7 @@ import torch
 
 from unike.backbones import Backbone, answer_predictions
 from unike.data import ROWS, EditCase, case_samples
-from unike.editing import Editor, ParamSnapshot
+from unike.editing import Editor
 from unike.grid import regime as regime_named
 from unike.metrics import score_case
 
@@ -93,9 +93,9 @@ def make_sequences(cases_by_task: dict[str, list[EditCase]], regime: str, seed: 
 @torch.no_grad()
 def weight_drift(editor: Editor) -> float | None:
     """|W - W0| / |W0| of the parameters the editor changes in place, taken together as one
-    vector; None for an editor without a `ParamSnapshot` named `snapshot`."""
-    snapshot = getattr(editor, "snapshot", None)
-    if not isinstance(snapshot, ParamSnapshot):
+    vector; None for an editor without a snapshot."""
+    snapshot = editor.snapshot
+    if snapshot is None:
         return None
     moved = sum(float((p.float() - snapshot.saved[n].float()).norm() ** 2) for n, p in snapshot.params.items())
     size = sum(float(w.float().norm() ** 2) for w in snapshot.saved.values())
@@ -123,7 +123,7 @@ def run_sequences(editor: Editor, sequences: list[list[EditCase]], pre_edit: dic
         raise ValueError(f"{type(editor).__name__} does not support sequential editing")
     rows, t_start, n_done = [], time.time(), 0
     total = sum(len(s) for s in sequences)
-    follow = drift is not None and weight_drift(editor) is not None
+    follow = drift is not None and editor.snapshot is not None
     for seq_id, sequence in enumerate(sequences):
         edit_times, steps = [], []
         for case in sequence:

@@ -790,7 +790,8 @@ def _locality(rng: np.random.Generator, pool: list[Creature], writer: _ImageWrit
     other = pool[int(rng.integers(len(pool)))]
     fact = _pick(rng, FACTS)
     scene, objects, _ = writer.scene(purpose)
-    _, m_q, m_a = scene_questions(objects)[int(rng.integers(len(scene_questions(objects))))]
+    qa = scene_questions(objects)
+    _, m_q, m_a = qa[int(rng.integers(len(qa)))]
     return {"loc": _text_question(rng, other, fact), "loc_ans": other.old(fact),
             "m_loc": scene, "m_loc_q": m_q, "m_loc_a": m_a}
 
