@@ -21,7 +21,7 @@ import numpy as np
 
 from reports.paper import paper_tables
 from reports.results import METRICS, Results
-from unike.config import load_config
+from unike.config import load_config, paper_names
 from unike.grid import ONE_STEP, TASKS, Layout
 from unike.store import open_readonly
 
@@ -79,8 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config)
     layout = Layout(config)
-    method_map = {name: entry["paper_name"] for name, entry in config["methods"].items() if "paper_name" in entry}
-    paper_backbone = {name: b["paper_name"] for name, b in config["backbones"].items() if "paper_name" in b}
+    paper_backbone, method_map = paper_names(config)
     with open_readonly(layout.db) as con:
         results = Results.load(con).with_paper_names(method_map, set())
     figures = landscape(results, paper_backbone)

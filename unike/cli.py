@@ -18,7 +18,7 @@ from pathlib import Path
 
 from unike.data import DataError
 from unike.config import (ConfigError, cell_config_hash, figure4_points, load_config, method_entry, methods_for,
-                          seed_config, seeds)
+                          paper_names, seed_config, seeds)
 from unike.grid import CROSS_TASK, REGIMES, RUN_TASKS, SPLIT_FILES, Cell, Layout, case_tasks, regime, regimes_for_task
 
 log = logging.getLogger("unike")
@@ -354,8 +354,7 @@ def cmd_report(args) -> None:
     config, layout = _setup(args)
     from reports.render import render_report
 
-    backbone_map = {name: b["paper_name"] for name, b in config["backbones"].items()}
-    method_map = {name: m["paper_name"] for name, m in config["methods"].items() if "paper_name" in m}
+    backbone_map, method_map = paper_names(config)
     # Each file is knowledge/<backbone>/spaces.parquet: its folder names the backbone.
     spaces = {Path(p).parent.name: Path(p) for p in args.spaces}
     render_report(layout.db, layout.report, backbone_map, method_map, figure4_points(config), spaces)

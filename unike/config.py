@@ -116,6 +116,12 @@ def _check_seeds(config: dict) -> None:
         raise ConfigError(f"extra_seeds: {config['seed']} is already `seed`; list only the other seeds")
 
 
+def paper_names(config: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """(backbone, method) -> the paper's row id, for the backbones and the methods that have one."""
+    return ({name: b["paper_name"] for name, b in config["backbones"].items()},
+            {name: m["paper_name"] for name, m in config["methods"].items() if "paper_name" in m})
+
+
 def seeds(config: dict) -> list[int]:
     """Every seed the grid runs with: `seed`, then each of `extra_seeds`."""
     return [config["seed"], *config.get("extra_seeds", [])]
