@@ -36,8 +36,9 @@ def main() -> None:
         lines += ["", "## Tiny backbones (default config, `pretrain_backbone`)", "",
                   "Held-out: fresh renders (`pretrain_eval.json`). Context use (`context_eval.json`, exact match): "
                   "the eval split's subjects, never stated in a training record; *follows* = the answer is the "
-                  "stated fact, *keeps* = the stated fact is about another creature (or a scene's picture) or "
-                  "another fact, and the answer is the backbone's own (a blind copier scores 0 there); "
+                  "stated fact (overall; per kind of statement), *keeps* = the stated fact is about another creature (or a "
+                  "scene's picture) or another fact, and the answer is the one the backbone gives without the context "
+                  "(a blind copier scores 0 there); "
                   "*before* = plain held-out exact match before the context phase.", "",
                   "| backbone | held-out answer-token accuracy | exact match (before the context phase) "
                   "| text facts (T-Loc's) exact match | follows | keeps: another creature / another fact "
@@ -53,7 +54,8 @@ def main() -> None:
 
             def rate(key):
                 return f"{100 * held[key]:.1f}% (n={n[key]})" if key in n else f"{100 * held[key]:.1f}%"
-            follows = rate("follow") if held else "-"
+            kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in context.get("follow_by_statement", {}).items())
+            follows = (rate("follow") + (f"; {kinds}" if kinds else "")) if held else "-"
             keeps = f"{rate('keep_other')} / {rate('keep_otherfact')}" if held else "-"
             lines.append(f"| {name} | {100 * r['token_acc']:.1f}% | {100 * r['exact_match']:.1f}%{before} "
                          f"| {100 * sum(text) / len(text):.1f}% | {follows} | {keeps} | {spread} | {r['train_s']:.0f} s |")

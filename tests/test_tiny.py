@@ -6,8 +6,8 @@ import torch
 
 from unike.backbones import load_backbone
 from unike.data import case_samples
-from unike.tiny import (COLLAPSED_SPREAD, PretrainConfig, TinyArch, build_tokenizer, corpus_samples,
-                        image_feature_spread, pretrain)
+from unike.tiny import (COLLAPSED_SPREAD, PretrainConfig, TinyArch, answer_predictions_of, build_tokenizer,
+                        context_use, corpus_samples, image_feature_spread, pretrain)
 from unike.world import vocabulary
 
 ARCH = dict(hidden=32, ffn=64, layers=2, heads=2, vision_hidden=32, vision_layers=1, qformer_layers=1,
@@ -59,3 +59,17 @@ def test_image_feature_spread_is_zero_for_an_image_blind_backbone_and_positive_o
         backbone.model.language_projection.bias.fill_(0.5)
     backbone.clear_image_cache()
     assert image_feature_spread(backbone, images) == 0.0
+
+
+def test_context_use_keeps_means_the_backbones_own_answer_and_follow_the_stated_one(backbone, world_dir):
+    """Keeping is measured against what the backbone says to the same prompt without the
+    context, right or wrong: a record whose context is the empty string keeps by
+    definition, on any backbone. Following is the exact match of the stated value."""
+    records = json.loads((world_dir / "context_eval.json").read_text())
+    follow = [r for r in records if r["topic"] == "context-follow"]
+    bare = [r | {"prompt": r["prompt"].rsplit("Prompt: ", 1)[-1]} for r in records if r["topic"] == "context-other"]
+    use = context_use(backbone, follow + bare, world_dir)
+    assert use["heldout"]["keep_other"] == 1.0 and use["heldout_n"]["keep_other"] == len(bare) > 0
+    hits = [bool((p == t).all()) for p, t in answer_predictions_of(backbone, corpus_samples(follow, world_dir))]
+    assert use["heldout"]["follow"] == sum(hits) / len(hits)
+    assert set(use["follow_by_statement"]) == {r["statement"] for r in follow}

@@ -14,8 +14,10 @@ from PIL import Image
 from unike.world import (
     CAPTION_REPHRASE_TEMPLATES,
     CONTEXT_TOPICS,
+    CONTEXT_WORDS,
     DEMO_SEPARATOR,
     MMEDIT_FIELDS,
+    NAME_TEMPLATES,
     REPHRASE_TEMPLATES,
     WorldConfig,
     creature_index,
@@ -267,6 +269,11 @@ def test_context_records_follow_the_stated_fact_or_keep_the_old_world(world_dir)
             head, _, query = r["prompt"].rpartition(DEMO_SEPARATOR)
             fact, prompt = query.split("\nPrompt: ")
             stated = fact.removeprefix("New Fact: ")
+            if r["topic"] == "context-name":  # a name stated and asked back: no picture, no fact
+                assert r["image"] is None and r["answer"] in by_name and stated.endswith(" " + r["answer"])
+                assert set(tokenize(r["prompt"])) <= set(tokenize(" ".join(NAME_TEMPLATES + CONTEXT_WORDS))) | {
+                    r["answer"]}
+                continue
             if r["topic"] == "context-follow":
                 assert stated.endswith(" " + r["answer"])
             else:  # the old world's answer about whoever the prompt asks about
@@ -287,6 +294,7 @@ def test_context_records_follow_the_stated_fact_or_keep_the_old_world(world_dir)
                 assert creatures[pictured]["name"] in held_out
     records = load(world_dir, "context.json")
     assert {r["topic"] for r in records} == set(CONTEXT_TOPICS)
+    assert {r["answer"] for r in records if r["topic"] == "context-name"} == set(by_name)
     assert any(r["image"] for r in records) and any(r["image"] is None for r in records)
     assert any(DEMO_SEPARATOR in r["prompt"] for r in records)
 

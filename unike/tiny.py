@@ -19,6 +19,7 @@ import torch
 
 from unike.backbones import IMAGE_TOKEN, Backbone, answer_predictions, save_backbone
 from unike.data import Sample, vqa_prompt
+from unike.world import stated_query
 
 log = logging.getLogger(__name__)
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -128,19 +129,26 @@ def corpus_samples(records: list[dict], world_dir: Path) -> list[Sample]:
 
 
 @torch.no_grad()
+def answer_predictions_of(backbone: Backbone, samples: list[Sample],
+                          batch_size: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sample, the teacher-forced argmax answer tokens and the answer's own tokens."""
+    out = []
+    for i in range(0, len(samples), batch_size):
+        batch = backbone.encode(samples[i : i + batch_size])
+        out += list(zip(answer_predictions(backbone.logits(batch), batch), batch.answer_targets()))
+    return out
+
+
 def answer_token_accuracy(backbone: Backbone, samples: list[Sample], topics: list[str],
                           batch_size: int = 128) -> dict:
     """Teacher-forced answer-token accuracy and exact match, overall and per topic."""
     per_topic: dict[str, list[int]] = {}  # topic -> [hits, tokens, exact, n]
-    for i in range(0, len(samples), batch_size):
-        batch = backbone.encode(samples[i : i + batch_size])
-        preds = answer_predictions(backbone.logits(batch), batch)
-        for topic, p, t in zip(topics[i : i + batch_size], preds, batch.answer_targets()):
-            acc = per_topic.setdefault(topic, [0, 0, 0, 0])
-            acc[0] += int((p == t).sum())
-            acc[1] += len(t)
-            acc[2] += int(bool((p == t).all()))
-            acc[3] += 1
+    for topic, (p, t) in zip(topics, answer_predictions_of(backbone, samples, batch_size)):
+        acc = per_topic.setdefault(topic, [0, 0, 0, 0])
+        acc[0] += int((p == t).sum())
+        acc[1] += len(t)
+        acc[2] += int(bool((p == t).all()))
+        acc[3] += 1
     hits, tokens, exact, n = (sum(v[k] for v in per_topic.values()) for k in range(4))
     return {"token_acc": hits / tokens, "exact_match": exact / n, "n": n,
             "by_topic": {k: {"token_acc": v[0] / v[1], "exact_match": v[2] / v[3], "n": v[3]}
@@ -252,18 +260,15 @@ def context_phase(backbone: Backbone, world_dir: Path, plain: list[Sample], trai
     pretraining left them, so every image's features are computed once (the phase costs
     what text training costs). Each batch mixes context records with the plain corpus,
     which keeps the memorised facts (without plain rows they fell to 55-62% within 100
-    steps in the probe behind docs/tiny-world.md). The held-out figures are measured on
-    context_eval.json: the eval split's creatures, never stated in a training record,
-    on held-out renders. `follow` is the exact match where the answer is the stated
-    fact; `keep_other` and `keep_otherfact` where the stated fact is about another
-    creature (or a scene's picture) or another fact, and the answer is the memorised one
-    (a blind copier scores 0 there).
+    steps in the probe behind docs/tiny-world.md). The held-out figures (`context_use`)
+    are measured on context_eval.json: the eval split's creatures, never stated in a
+    training record, on held-out renders.
     """
     torch.set_num_threads(threads)
     model = backbone.model
     records = json.loads((world_dir / "context.json").read_text(encoding="utf-8"))
     eval_records = json.loads((world_dir / "context_eval.json").read_text(encoding="utf-8"))
-    samples, heldout = corpus_samples(records, world_dir), corpus_samples(eval_records, world_dir)
+    samples = corpus_samples(records, world_dir)
     lm = [p for p in backbone.text.lm.parameters()]
     for p in lm:
         p.requires_grad_(True)
@@ -303,17 +308,43 @@ def context_phase(backbone: Backbone, world_dir: Path, plain: list[Sample], trai
     model.eval()
     for p in lm:
         p.requires_grad_(False)
-    acc = answer_token_accuracy(backbone, heldout, [r["topic"] for r in eval_records], batch_size=32)
-    by = acc["by_topic"]
-    heldout_rates = {"follow": by["context-follow"]["exact_match"],
-                     "keep_other": by["context-other"]["exact_match"],
-                     "keep_otherfact": by["context-otherfact"]["exact_match"]}
-    log.info("context use, held out: follows the stated fact %.3f, keeps its own answer %.3f (another "
-             "creature) and %.3f (another fact)", *heldout_rates.values())
-    heldout_n = {"follow": by["context-follow"]["n"], "keep_other": by["context-other"]["n"],
-                 "keep_otherfact": by["context-otherfact"]["n"]}
-    return {"heldout": heldout_rates, "heldout_n": heldout_n, "heldout_detail": _summary(acc), "history": history,
-            "train_s": time.time() - t0, "n_records": len(records)}
+    use = context_use(backbone, eval_records, world_dir)
+    log.info("context use, held out: follows the stated fact %.3f (%s), keeps its own answer %.3f (another "
+             "creature) and %.3f (another fact)", use["heldout"]["follow"],
+             ", ".join(f"{k} {v:.3f}" for k, v in use["follow_by_statement"].items()),
+             use["heldout"]["keep_other"], use["heldout"]["keep_otherfact"])
+    return use | {"history": history, "train_s": time.time() - t0, "n_records": len(records)}
+
+
+def context_use(backbone: Backbone, records: list[dict], world_dir: Path) -> dict:
+    """How the backbone uses the facts stated in context records (exact match, teacher forced).
+
+    `follow`: the answer is the stated fact (context-follow records), also per kind of
+    statement (a VQA question, a caption, a text question). `keep_other` and
+    `keep_otherfact`: the stated fact is about another creature (or a scene's picture) or
+    the same creature's other fact, and the answer is the one the backbone gives to the
+    same prompt without the context, its own knowledge whether right or wrong (a blind
+    copier scores 0, a backbone that ignores context 1). `heldout_detail` holds every
+    topic's exact match and token accuracy against the world's answers.
+    """
+    with_context = answer_predictions_of(backbone, corpus_samples(records, world_dir), batch_size=32)
+    alone = answer_predictions_of(
+        backbone, corpus_samples([r | {"prompt": stated_query(r["prompt"])} for r in records], world_dir))
+    hits: dict[str, list[bool]] = {}
+    for r, (pred, target), (own, _) in zip(records, with_context, alone):
+        if r["topic"] == "context-follow":
+            hit = bool((pred == target).all())
+            hits.setdefault("follow", []).append(hit)
+            hits.setdefault(f"follow/{r['statement']}", []).append(hit)
+        else:
+            key = {"context-other": "keep_other", "context-otherfact": "keep_otherfact"}[r["topic"]]
+            hits.setdefault(key, []).append(bool((pred == own).all()))
+    rate = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    detail = answer_token_accuracy(backbone, corpus_samples(records, world_dir), [r["topic"] for r in records], 32)
+    return {"heldout": {k: rate.get(k, 0.0) for k in ("follow", "keep_other", "keep_otherfact")},
+            "heldout_n": {k: len(hits.get(k, [])) for k in ("follow", "keep_other", "keep_otherfact")},
+            "follow_by_statement": {k.split("/")[1]: v for k, v in rate.items() if k.startswith("follow/")},
+            "heldout_detail": _summary(detail)}
 
 
 def _pixel_table(backbone: Backbone, samples: list[Sample]):
