@@ -142,8 +142,13 @@ def answer_predictions_of(backbone: Backbone, samples: list[Sample],
 def answer_token_accuracy(backbone: Backbone, samples: list[Sample], topics: list[str],
                           batch_size: int = 128) -> dict:
     """Teacher-forced answer-token accuracy and exact match, overall and per topic."""
+    return topic_accuracy(topics, answer_predictions_of(backbone, samples, batch_size))
+
+
+def topic_accuracy(topics: list[str], predictions: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Answer-token accuracy and exact match of (prediction, target) pairs, overall and per topic."""
     per_topic: dict[str, list[int]] = {}  # topic -> [hits, tokens, exact, n]
-    for topic, (p, t) in zip(topics, answer_predictions_of(backbone, samples, batch_size)):
+    for topic, (p, t) in zip(topics, predictions):
         acc = per_topic.setdefault(topic, [0, 0, 0, 0])
         acc[0] += int((p == t).sum())
         acc[1] += len(t)
@@ -340,7 +345,7 @@ def context_use(backbone: Backbone, records: list[dict], world_dir: Path) -> dic
             key = {"context-other": "keep_other", "context-otherfact": "keep_otherfact"}[r["topic"]]
             hits.setdefault(key, []).append(bool((pred == own).all()))
     rate = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
-    detail = answer_token_accuracy(backbone, corpus_samples(records, world_dir), [r["topic"] for r in records], 32)
+    detail = topic_accuracy([r["topic"] for r in records], with_context)
     return {"heldout": {k: rate.get(k, 0.0) for k in ("follow", "keep_other", "keep_otherfact")},
             "heldout_n": {k: len(hits.get(k, [])) for k in ("follow", "keep_other", "keep_otherfact")},
             "follow_by_statement": {k.split("/")[1]: v for k, v in rate.items() if k.startswith("follow/")},

@@ -688,9 +688,9 @@ def demonstration(fact_prompt: str, fact_answer: str, prompt: str, answer: str) 
 def name_records(creatures: list[Creature]) -> list[dict[str, Any]]:
     """Every creature's name stated and asked back, with no picture and no fact: a real
     LLM can say any word of its vocabulary, while a word-level tiny backbone never trained
-    on a name cannot produce it, so without these a stated caption of a new creature (its
-    name in it) was copied 0% of the time (docs/tiny-world.md). They say nothing about a
-    creature, so the eval split's names may occur here and nowhere else in training."""
+    on a name cannot produce it, and so could never copy a stated caption of a new creature
+    (its name in it; docs/tiny-world.md). They say nothing about a creature, so the eval
+    split's names may occur here and nowhere else in training."""
     a, b = NAME_TEMPLATES
     return [_record("context", "context-name", None, stated_fact(x, c.name, y), c.name) | {"statement": "name"}
             for c in creatures for x, y in ((a, b), (b, a))]
@@ -888,7 +888,7 @@ def generate_world(out_dir: Path, cfg: WorldConfig) -> WorldSummary:
     # Context use is learned on every creature outside the eval split (no training record
     # states anything about an eval subject): familiar ones on their pretraining pictures,
     # the train split's new ones on pictures rendered for it. Trained on the familiar ones
-    # alone, the backbones followed 95-99% of stated facts about them but only 60-68% of
+    # alone, the backbones followed 95-99% of stated facts about them but only 60-77% of
     # those about a new creature's picture (docs/tiny-world.md): IKE states facts about
     # new creatures, as MMEdit's edits are mostly about things a backbone has never been
     # told. Questions about another creature ask about familiar ones (the backbone knows
