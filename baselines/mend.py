@@ -71,7 +71,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from unike.backbones import Backbone
 from unike.data import EditCase
@@ -112,9 +111,15 @@ ARCH_FIELDS = ("n_layers", "include_gate", "rank", "n_hidden", "std_floor")
 
 
 class LowRankResidual(nn.Module):
-    """x + relu(s_m * (U V x + b) + t_m): identity at init (U = 0), scale/shift per mode.
-    The output layer has the ReLU too: MEND's `LRLinear` (and EasyEdit's copy) takes a
-    `relu` flag but clamps at 0 in every layer."""
+    """x + max(0, s_m * (U V x + b) + t_m): identity at init (U = 0), scale/shift per mode.
+    The output layer clamps too: MEND's `LRLinear` (and EasyEdit's copy) takes a `relu`
+    flag but clamps at 0 in every layer.
+
+    It must be `clamp(min=0)`, as MEND writes it, not `relu`: at init every pre-activation
+    is exactly 0, where relu's gradient is 0 and clamp's is 1. With relu no parameter of
+    the network ever received a gradient, so MEND trained only its step sizes and edited
+    with the standardised raw gradient (every learning rate gave the same run to the last
+    digit; tests/test_mend.py checks that the network now learns)."""
 
     def __init__(self, dim: int, rank: int, n_modes: int):
         super().__init__()
@@ -127,7 +132,7 @@ class LowRankResidual(nn.Module):
 
     def forward(self, x: torch.Tensor, mode: int) -> torch.Tensor:
         pre = (x @ self.v.T) @ self.u.T + self.bias
-        return x + F.relu(pre * self.scale[mode] + self.shift[mode])
+        return x + (pre * self.scale[mode] + self.shift[mode]).clamp(min=0)
 
 
 class GradientTransform(nn.Module):

@@ -64,3 +64,20 @@ class TestMEND(HypernetEditorTests):
             gt.train()(u, delta, 0)
             z[floor] = gt.eval()(probe_u, probe_delta, 0)[0][0, 1].item()
         assert z[0.0] > 1e5 and 0 < z[0.5] < 5
+
+    def test_the_transform_network_learns_from_its_identity_init(self):
+        """Every pre-activation of a fresh transform is exactly 0 (U = 0): the clamp must
+        pass the gradient there, as MEND's does, or no parameter but the step sizes ever
+        trains (the bug relu had: every learning rate gave the same run)."""
+        torch.manual_seed(0)
+        u, delta = torch.randn(8, 3), torch.randn(8, 2)
+        gt = GradientTransform(3, 2, n_modes=1, rank=2, n_hidden=1)
+        gt.train()(u, delta, 0)  # the running statistics
+        u_t, delta_t = gt.eval()(u, delta, 0)
+        assert torch.equal(torch.cat([u_t, delta_t], -1), gt.standardise(u, delta))  # identity at init
+        (delta_t.T @ u_t).square().sum().backward()
+        for layer in gt.layers:
+            for name in ("u", "bias", "shift"):
+                grad = getattr(layer, name).grad
+                assert grad is not None and grad.abs().sum() > 0, name
+
