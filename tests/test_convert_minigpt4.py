@@ -12,7 +12,8 @@ code that puts it there), at toy sizes:
   scaler, epoch) whose model part is llama_proj plus the frozen modules' buffers
   (position_ids, one RoPE inv_freq per LLaMA layer);
 - Vicuna: a random LLaMA directory whose config is the published Vicuna-7B v0 config.json
-  (tests/fixtures) with toy sizes.
+  (tests/fixtures) with toy sizes; for Vision-CAIR's merged Vicuna, its published tokenizer
+  files beside a synthetic vocabulary with LLaMA's special-token ids.
 The converted model is checked tensor by tensor against the originals, and its image
 features against a forward pass written here with plain torch ops over the original key
 names. The published configs (tests/fixtures/README.md) are parsed as the loaders parse them.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +33,15 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from unike.backbones import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, Sample, backbone_settings, load_backbone
-from unike.convert_minigpt4 import ConversionError, Sources, check_rope_buffers, convert, vicuna_config
+from unike import convert_minigpt4
+from unike.backbones import (CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, Sample, _is_placeholder_token, backbone_settings,
+                             load_backbone)
+from unike.convert_minigpt4 import (ConversionError, Sources, check_rope_buffers, convert, vicuna_config,
+                                    vicuna_tokenizer)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VICUNA_CONFIG = FIXTURES / "vicuna-7b-delta-v0"
+VISION_CAIR_VICUNA = FIXTURES / "vision-cair-vicuna-13b-v0"
 BLIP2_OPT_CONFIG = FIXTURES / "blip2-opt-2.7b"
 EVA = dict(width=40, heads=4, patch=4, image=16, blocks=3, mlp=72, clip_dim=24)  # MiniGPT-4 uses blocks - 1
 USED_BLOCKS = 2
@@ -184,12 +190,41 @@ def llama_like_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+def write_llama_tokenizer(path: Path, published: Path) -> None:
+    """A Vicuna directory's tokenizer: the published tokenizer_config.json and
+    special_tokens_map.json verbatim, and a synthetic tokenizer.json in place of LLaMA's
+    SentencePiece tokenizer.model (not copied: large) with its layout and ids: BPE with byte
+    fallback, `<unk>` 0, `<s>` 1, `</s>` 2, the 256 byte pieces `<0x00>`..`<0xFF>`, then word
+    pieces; and the post-processor LLaMA's tokenizer.json has (`<s>` first)."""
+    from tokenizers import AddedToken, Tokenizer, processors
+    from tokenizers.models import BPE
+
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(published / name, path / name)
+    specials = ["<unk>", "<s>", "</s>"]
+    pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581"] + list("abcdefghijklmnopqrstuvwxyz")
+    tok = Tokenizer(BPE({p: i for i, p in enumerate(pieces)}, [], unk_token="<unk>", fuse_unk=True,
+                        byte_fallback=True))
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.save(str(path / "tokenizer.json"))
+
+
 def fake_vicuna(path, gen, published: Path = VICUNA_CONFIG):
     """A random LLaMA whose config is a published Vicuna config.json, parsed by the
-    converter's own reader, at toy sizes (everything else as published)."""
+    converter's own reader, at toy sizes (everything else as published). Where the published
+    directory's tokenizer files are in tests/fixtures, the tokenizer is those files with a
+    synthetic vocabulary (`write_llama_tokenizer`); otherwise a word-level LLaMA-like one."""
     from transformers import LlamaForCausalLM
 
-    tok = llama_like_tokenizer()
+    if (published / "tokenizer_config.json").is_file():
+        write_llama_tokenizer(Path(path), published)
+        tok = vicuna_tokenizer(path)
+    else:
+        tok = llama_like_tokenizer()
+        tok.save_pretrained(path)
     config = vicuna_config(published)
     config.update(dict(hidden_size=LLM["width"], num_hidden_layers=LLM["layers"], intermediate_size=LLM["ffn"],
                        num_attention_heads=LLM["heads"], num_key_value_heads=LLM["heads"],
@@ -199,7 +234,6 @@ def fake_vicuna(path, gen, published: Path = VICUNA_CONFIG):
         for p in model.parameters():
             p.copy_(_rand(gen, *p.shape, scale=0.2) + (1 if p.dim() == 1 else 0))  # norms near 1
     model.save_pretrained(path)
-    tok.save_pretrained(path)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -312,19 +346,58 @@ def test_converted_config_fits_the_minigpt4_prompt(converted, hf_model):
 
 def test_a_2023_llama_conversions_special_ids_give_way_to_the_tokenizers(originals, tmp_path):
     """MiniGPT-4's own Vicuna v0 (Vision-CAIR/vicuna, 13B) carries the first LLaMA
-    conversion's ids: bos 0, eos 1, pad -1. The converted text config takes the tokenizer's."""
+    conversion's ids in its config.json: bos 0, eos 1, pad -1. Its published tokenizer files
+    (tokenizer_config.json, special_tokens_map.json; tests/fixtures) name `<s>`, `</s>`, `<unk>`
+    and no pad token. The converted text config takes the tokenizer's ids."""
     from transformers import AutoTokenizer
 
-    published_dir = FIXTURES / "vision-cair-vicuna-13b-v0"
-    published = json.loads((published_dir / "config.json").read_text())
-    fake_vicuna(tmp_path / "vicuna", torch.Generator().manual_seed(2), published_dir)
+    published = json.loads((VISION_CAIR_VICUNA / "config.json").read_text())
+    tok_config = json.loads((VISION_CAIR_VICUNA / "tokenizer_config.json").read_text())
+    fake_vicuna(tmp_path / "vicuna", torch.Generator().manual_seed(2), VISION_CAIR_VICUNA)
+    # tokenizer_config.json as the converter reads it: transformers 5 takes the 4.28-era
+    # {"__type": "AddedToken", "content": ...} entries as the tokens named (LLaMA's ids in the
+    # vocabulary) and keeps "pad_token": null as no pad token.
+    vicuna_tok = vicuna_tokenizer(tmp_path / "vicuna")
+    assert type(vicuna_tok).__name__ == tok_config["tokenizer_class"] == "LlamaTokenizer"
+    assert [tok_config[f"{k}_token"]["__type"] for k in ("bos", "eos", "unk")] == ["AddedToken"] * 3
+    assert (vicuna_tok.bos_token, vicuna_tok.eos_token, vicuna_tok.unk_token) == ("<s>", "</s>", "<unk>")
+    assert (vicuna_tok.unk_token_id, vicuna_tok.bos_token_id, vicuna_tok.eos_token_id) == (0, 1, 2)
+    assert tok_config["pad_token"] is None and vicuna_tok.pad_token is None and vicuna_tok.pad_token_id is None
+
     s = originals["sources"]
     convert(Sources(s.eva_vit, s.qformer, s.minigpt4, tmp_path / "vicuna"), tmp_path / "out", **CONVERT_KW)
-    text = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    text = config["text_config"]
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    # The converter's handling: pad is <unk> (a valid id), <image> an added placeholder after the
+    # vocabulary (transformers 5 writes image_token_id as image_token_index, the published name).
+    assert (tok.pad_token, tok.pad_token_id) == ("<unk>", vicuna_tok.unk_token_id)
+    image_id = config["image_token_index"]
+    assert tok.convert_tokens_to_ids(IMAGE_TOKEN) == image_id == len(vicuna_tok)
+    assert _is_placeholder_token(tok, image_id)
+    assert tok(f"a {IMAGE_TOKEN} cat", add_special_tokens=False)["input_ids"].count(image_id) == 1
     ids = ("bos_token_id", "eos_token_id", "pad_token_id")
-    assert [text[k] for k in ids] == [getattr(tok, k) for k in ids] != [published[k] for k in ids]
+    assert [text[k] for k in ids] == [getattr(tok, k) for k in ids] == [1, 2, 0] != [published[k] for k in ids]
     assert text["rms_norm_eps"] == published["rms_norm_eps"] and text["vocab_size"] == len(tok)
+
+
+def test_a_vicuna_tokenizer_model_without_sentencepiece_is_refused_up_front(tmp_path, monkeypatch):
+    """A merged Vicuna directory as published: config.json, tokenizer_config.json and
+    special_tokens_map.json (tests/fixtures) beside a SentencePiece tokenizer.model and no
+    tokenizer.json. Without sentencepiece and protobuf, transformers 5 falls back to its
+    tiktoken reader and fails asking for tiktoken; the converter names the missing packages
+    instead, before reading any checkpoint (those named here do not exist)."""
+    vicuna = tmp_path / "vicuna"
+    vicuna.mkdir()
+    for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(VISION_CAIR_VICUNA / name, vicuna / name)
+    (vicuna / "tokenizer.model").write_bytes(b"\n\x09\n\x05<unk>\x18\x02")  # a one-piece model; never read
+    monkeypatch.setattr(convert_minigpt4, "_can_read_sentencepiece", lambda: False)
+    missing = [tmp_path / name for name in ("eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth", "minigpt4.pth")]
+    message = r"tokenizer\.model and no tokenizer\.json: .*pip install sentencepiece protobuf"
+    with pytest.raises(ConversionError, match=message):
+        convert(Sources(*missing, vicuna), tmp_path / "out", **CONVERT_KW)
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------ an independent forward
@@ -533,22 +606,23 @@ def test_the_published_vicuna_config_gives_minigpt4s_rope():
         check_rope_buffers(buffers | {_rope_key(0): minigpt4_inv_freq(head_dim, base=1e6)}, config, "vicuna")
 
 
-def opt_like_tokenizer(image_token_id: int):
-    """Word-level, with OPT's special tokens at OPT's ids (`</s>` is BOS, EOS and UNK, as in
-    Salesforce/blip2-opt-2.7b's special_tokens_map.json) and `<image>` added at the id the
-    published config gives it; filler tokens stand in for the BPE vocabulary in between."""
-    from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
+OPT_VOCAB_SIZE = 50265  # entries in OPT's vocab.json (ids 0..50264); added tokens follow
 
-    words = ["<s>", "<pad>", "</s>", "<unk>", *WORDS]
-    vocab = {w: i for i, w in enumerate(words + [f"filler{i}" for i in range(image_token_id - len(words))])}
-    tok = Tokenizer(WordLevel(vocab, unk_token="</s>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<pad>", "</s>", AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", unk_token="</s>",
-                                   pad_token="<pad>")
+
+def write_opt_tokenizer(path: Path) -> None:
+    """Salesforce/blip2-opt-2.7b's tokenizer: the published tokenizer_config.json,
+    special_tokens_map.json and added_tokens.json verbatim, and a synthetic GPT-2 byte-level
+    BPE in place of OPT's vocab.json / merges.txt (not copied: large) that keeps the published
+    ids: `<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3 as in OPT's vocab.json, the 256 byte symbols,
+    then filler entries up to OPT's 50265, after which the added `<image>` (50265) comes."""
+    from tokenizers import pre_tokenizers
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        shutil.copyfile(BLIP2_OPT_CONFIG / name, path / name)
+    tokens = ["<s>", "<pad>", "</s>", "<unk>", *sorted(pre_tokenizers.ByteLevel.alphabet())]
+    tokens += [f"filler{i}" for i in range(len(tokens), OPT_VOCAB_SIZE)]
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")  # no merges: bytes stay bytes
 
 
 def published_blip2_opt_config():
@@ -562,7 +636,8 @@ def published_blip2_opt_config():
 @pytest.fixture(scope="module")
 def blip2_opt(tmp_path_factory):
     """A random BLIP-2 OPT directory with the published config at toy widths and depths
-    (vocabulary, image size, special ids and every other field as published)."""
+    (vocabulary, image size, special ids and every other field as published) and the
+    published tokenizer files (`write_opt_tokenizer`)."""
     from transformers import Blip2ForConditionalGeneration
 
     config = published_blip2_opt_config()
@@ -576,7 +651,7 @@ def blip2_opt(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("blip2-opt-2.7b")
     Blip2ForConditionalGeneration(config).save_pretrained(path)
-    opt_like_tokenizer(config.image_token_id).save_pretrained(path)
+    write_opt_tokenizer(path)
     return path
 
 
@@ -602,6 +677,37 @@ def test_the_published_blip2_opt_config_loads_through_load_backbone(blip2_opt, t
         ref = backbone.model(pixel_values=backbone.load_pixels([image]), input_ids=batch.input_ids,
                              attention_mask=batch.attention_mask).logits
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_the_published_blip2_opt_tokenizer_files_load_through_load_backbone(blip2_opt):
+    """Salesforce/blip2-opt-2.7b's tokenizer_config.json, special_tokens_map.json and
+    added_tokens.json (tests/fixtures) as load_backbone reads them, with the published
+    config.json: OPT's GPT-2 BPE with `</s>` as BOS, EOS and UNK (id 2), `<pad>` (id 1) as pad,
+    and `<image>` added at the config's image_token_index (50265), a placeholder no text splits."""
+    published = json.loads((BLIP2_OPT_CONFIG / "config.json").read_text())
+    tok_config = json.loads((BLIP2_OPT_CONFIG / "tokenizer_config.json").read_text())
+    added = json.loads((BLIP2_OPT_CONFIG / "added_tokens.json").read_text())
+    backbone = load_backbone("blip2-opt-2.7b", blip2_opt)
+    tok = backbone.tokenizer
+    assert type(tok).__name__ == tok_config["tokenizer_class"] == "GPT2Tokenizer"
+    assert (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) == ("</s>", "</s>", "</s>", "<pad>")
+    assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, tok.pad_token_id) == (2, 2, 2, 1)
+    assert backbone.bos_id == 2
+    # added_tokens.json and added_tokens_decoder put <image> at image_token_index, right after the vocabulary.
+    image_id = published["image_token_index"]
+    assert added == {IMAGE_TOKEN: image_id} and tok_config["added_tokens_decoder"][str(image_id)]["special"]
+    assert tok.convert_tokens_to_ids(IMAGE_TOKEN) == backbone.image_token_id == image_id == OPT_VOCAB_SIZE
+    assert len(tok) == OPT_VOCAB_SIZE + 1 and _is_placeholder_token(tok, image_id)
+    assert tok(f"a {IMAGE_TOKEN} cat", add_special_tokens=False)["input_ids"].count(image_id) == 1
+    # "add_bos_token": true is honoured (no tokenizer.json overrides it): `</s>` starts a sequence, as in OPT.
+    assert tok_config["add_bos_token"] and tok("a cat")["input_ids"][0] == 2
+    # The backbone's rows: BOS 2 after the 32 placeholders, the shorter row padded with 1.
+    batch = backbone.encode([Sample(None, "what is this", "a cat"),
+                             Sample(None, "question: what is this short answer:", "a dog")])
+    assert batch.input_ids[:, 0].tolist() == [2, 2]
+    assert set(batch.input_ids[0][batch.attention_mask[0] == 0].tolist()) == {1}
+    image_row = backbone.encode([Sample(Path("scene.png"), "what is this", "a cat")]).input_ids[0]
+    assert image_row[:published["num_query_tokens"] + 1].tolist() == [image_id] * published["num_query_tokens"] + [2]
 
 
 def test_load_pixels_is_the_published_image_processor(blip2_opt, tmp_path):

@@ -348,6 +348,30 @@ def vicuna_config(vicuna: Path):
     return config
 
 
+def _can_read_sentencepiece() -> bool:
+    from transformers.utils import is_protobuf_available, is_sentencepiece_available
+
+    return is_sentencepiece_available() and is_protobuf_available()
+
+
+def vicuna_tokenizer(vicuna: Path):
+    """The Vicuna directory's tokenizer as `AutoTokenizer` reads it (offline).
+
+    A merged Vicuna directory (FastChat's `apply_delta` saves the slow LLaMA tokenizer) has
+    a SentencePiece `tokenizer.model` and no `tokenizer.json`. Transformers 5 converts that
+    file only with sentencepiece and protobuf installed; without them it falls back to its
+    tiktoken reader and fails asking for tiktoken, so that case is refused up front."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    vicuna = Path(vicuna)
+    if (not (vicuna / "tokenizer.json").is_file() and (vicuna / "tokenizer.model").is_file()
+            and not _can_read_sentencepiece()):
+        raise ConversionError(f"{vicuna} has a SentencePiece tokenizer.model and no tokenizer.json: reading it "
+                              "needs `pip install sentencepiece protobuf` (transformers 5 would ask for tiktoken)")
+    return AutoTokenizer.from_pretrained(vicuna, local_files_only=True)
+
+
 def add_image_token(llm, tokenizer) -> int:
     """Add `<image>` (and a pad token if missing) to the tokenizer; new embedding and
     LM-head rows are the mean of the existing rows. A mean LM-head row scores the mean
@@ -381,10 +405,13 @@ def convert(sources: Sources, out_dir: Path, *, llm_dtype: str = LLM_DTYPE, visi
 
     Returns the provenance written to unike_backbone.json."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration
+    from transformers import AutoModelForCausalLM, Blip2Config, Blip2ForConditionalGeneration
 
     from unike.backbones import save_backbone
 
+    vicuna = Path(sources.vicuna)
+    text_config = vicuna_config(vicuna)
+    tokenizer = vicuna_tokenizer(vicuna)  # before any weights are read: it fails fast where it cannot be read
     names = (str(sources.eva_vit), str(sources.qformer), str(sources.minigpt4))
     merged, origin = merge_sources(load_checkpoint(sources.eva_vit), load_checkpoint(sources.qformer),
                                    load_checkpoint(sources.minigpt4), names)
@@ -394,14 +421,11 @@ def convert(sources: Sources, out_dir: Path, *, llm_dtype: str = LLM_DTYPE, visi
         raise ConversionError(f"the Q-Former cross-attends to width {qformer['encoder_hidden_size']} but the "
                               f"ViT is {vision['hidden_size']} wide")
     check_required(merged, vision_layers, qformer)
-    vicuna = Path(sources.vicuna)
-    text_config = vicuna_config(vicuna)
     check_rope_buffers(merged, text_config, f"{vicuna}/config.json")
     mapped = map_vision_side(merged, vision_layers, origin, ignore)
 
     llm = AutoModelForCausalLM.from_pretrained(vicuna, config=text_config, dtype=getattr(torch, llm_dtype),
                                                local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(vicuna, local_files_only=True)
     image_token_id = add_image_token(llm, tokenizer)
     # The text config takes the tokenizer's special-token ids, the ones runs use: a Vicuna
     # merged onto a 2023 LLaMA conversion says bos 0 / eos 1 / pad -1 (as MiniGPT-4's own
