@@ -43,8 +43,9 @@ sigmoid gate and the constraint: `lp` (VLKEB's only one) bounds the update's siz
 only its effect on the locality inputs. On the tiny world with `kl` and max_scale 100 the
 gradient-free term B carries the update (the gradient term's share of |dW| ~0.03), which
 is then nearly the same matrix for every edit, 1.9-3.7 times |W|; `both` keeps it within
-0.5 |W| (docs/baselines.md, KE). `update_bound` caps every update at a multiple of the
-largest |dW| / |W0| seen on train cases, as for MEND (`unike.hypernet.update_limits`).
+0.5 |W| (docs/baselines.md, KE). `drift_bound` keeps each matrix within a multiple of its
+norm of the unedited weights, in one edit or in sequence, as for MEND
+(`unike.hypernet.bound_drift`; 0, none, for KE).
 
 Sequential edits accumulate (each edit is predicted at the current weights and added in
 place): neither KE nor VLKEB edits in sequence, and this is how EasyEdit applies MEND.
@@ -72,7 +73,7 @@ from unike.data import EditCase
 from unike.hypernet import (EditedLinear, HypernetEditor, PrefixCache, ProgressLog, Trained, answer_correct,
                            answer_kl, answer_nll, capture_factors, edited_linears, figures_line, probe_updates,
                            range_sample, save_prepared, split_validation, training_cases, update_figures,
-                           update_limits, upper_logits)
+                           drift_limits, upper_logits)
 
 log = logging.getLogger(__name__)
 DIVERGENCES = ("kl", "lp", "both")
@@ -104,7 +105,7 @@ class KEHparams:
     counterfactual_k: int = 8  # alternatives per case: the model's top-k at the edited slot
     grad_clip: float = 0.0  # 0: no clipping (KE does not clip)
     validation_share: float = 0.1  # train cases held out of training for the validation figures (split_validation)
-    update_bound: float = 0.0  # editing: cap |dW| at this multiple of the largest |dW|/|W0| on train cases (0: none)
+    drift_bound: float = 0.0  # editing: keep |W - W0| <= drift_bound * |W0| per matrix, in any sequence (0: none)
     log_every: int = 100
 
     def __post_init__(self):
@@ -272,7 +273,7 @@ def measure_ke(backbone, net: KENetwork, linears: list[EditedLinear], hp: KEHpar
                validation: list[EditCase], seed: int) -> dict:
     """The trained network's figures for prepared.json (`unike.hypernet.update_figures`):
     the range of update sizes on train cases; on the validation slice the scores and update
-    sizes under `update_bound`, and what the update is made of: the mean share of the
+    sizes under `drift_bound`, and what the update is made of: the mean share of the
     gradient term in |dW| (|grad (.) A| / (|grad (.) A| + |B|)) and the mean cosine of dW
     with the descent direction -grad."""
     terms: list[dict[str, float]] = []
@@ -292,7 +293,7 @@ def measure_ke(backbone, net: KENetwork, linears: list[EditedLinear], hp: KEHpar
         return {"train_range": train_range}
     terms.clear()
     figures = update_figures(probe_updates(backbone, linears, validation, predict,
-                                           update_limits(train_range, hp.update_bound, linears)))
+                                           drift_limits(hp.drift_bound, linears)))
     for key in ("grad_share", "cos_descent"):
         figures[key] = round(sum(t[key] for t in terms) / len(terms), 4)
     return {"train_range": train_range, "validation": figures}

@@ -1,8 +1,7 @@
 """Write benchmarks/RESULTS.md from the JSON figures under benchmarks/results/.
 
     python benchmarks/pipeline.py default && python benchmarks/pipeline.py smoke
-    python benchmarks/per_edit.py --config config.yaml
-    python benchmarks/per_edit.py --method unike
+    python benchmarks/per_edit.py
     python benchmarks/training_cost.py results    # after a default DAG run
     python benchmarks/tune.py --config config.yaml --method ft --method ke ...  # each method with `search`
     python benchmarks/gpu_resources.py --scale full     # on a GPU machine
@@ -64,33 +63,26 @@ def main() -> None:
         lines += landscape_section(r)
     r = results.get("per_edit")
     if r:
-        lines += ["", f"## Per edit: harness against the plain way (`per_edit.py`, {r['method']}, {r['device']})", "",
-                  "Plain: per edit, pre-edit locality outputs recomputed, every step through the whole model "
-                  "including the vision tower, the five scored inputs one at a time. Both ways give the same metrics "
-                  f"(checked by the script). Each way ran {r.get('repeats', 1)} times, alternating; the fastest counts.", "",
-                  "| backbone | task | cases | plain s/edit | harness s/edit | speed-up |", "| --- | --- | --- | --- | --- | --- |"]
-        for backbone, tasks in sorted(r["backbones"].items()):
-            for task, t in sorted(tasks.items()):
-                lines.append(f"| {backbone} | {task} | {t['cases']} | {t['plain_s_per_edit']:.4f} "
-                             f"| {t['harness_s_per_edit']:.4f} | {t['speedup']:.2f}x |")
-    r = results.get("per_edit_unike")
-    if r:
-        lines += ["", "## Per edit: UniKE's training steps on a prefix against the whole model "
-                  f"(`per_edit.py --method unike`, {r['device']})", "",
-                  f"Backbones: {r['arch']}, the last {r['edited_layers']} edited (the paper's backbones: 32 layers, the last 4 "
-                  "edited), on a small tiny world; config.yaml's `unike` hyperparameters; knowledge and prepared folder "
-                  "built by the pipeline's functions. Whole model: every training step runs every layer (the loop "
-                  "before issue 14); prefix: the layers below the edited ones once per edit, each step only the edited "
-                  "layers and the head. s/edit: CPU seconds of the edit alone (one thread; the machine is shared), mean over "
-                  "the cases. Both ways give the same metrics "
-                  f"on every case (checked by the script). Each way ran {r['repeats']} times, alternating; the fastest "
-                  "counts.", "",
-                  "| backbone | task | cases | whole model s/edit | prefix s/edit | speed-up |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for backbone, tasks in sorted(r["backbones"].items()):
-            for task, t in sorted(tasks.items()):
-                lines.append(f"| {backbone} | {task} | {t['cases']} | {t['full_model_s_per_edit']:.4f} "
-                             f"| {t['prefix_s_per_edit']:.4f} | {t['speedup']:.2f}x |")
+        lines += ["", f"## Per edit: the harness's way against the plain way (`per_edit.py`, {r['device']})", "",
+                  f"Backbones: {r['arch']}, on a small tiny world; config.yaml's hyperparameters, KE and MEND prepared "
+                  f"with {r['prepare_steps']} training steps, every edit at most {r['edit_steps']} training steps "
+                  "(T-Patcher's 300 cut; untrained backbones never get an edit right, so T-Patcher and UniKE run to the "
+                  "limit). Plain: per edit, the unedited model's locality predictions computed, every forward pass of "
+                  "the edit through the whole model including the vision tower, the five scored inputs one at a time. "
+                  "Harness: pre-edit predictions from the cache, image features once per image, every pass of the edit "
+                  "only through the layers it changes and those above (the lowest edited layer up: the layers column), "
+                  "the layers below once per edit, the five scored inputs as one batch. "
+                  "s/edit: CPU seconds per case (edit, evaluation, scoring, restore; one thread, the machine is shared), "
+                  "mean over the cases. Both ways give the same metrics on every case (checked by the script). Each way "
+                  f"ran {r['repeats']} times, alternating; the fastest counts.", "",
+                  "| method | layers | backbone | task | cases | plain s/edit | harness s/edit | speed-up |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for method, m in r["methods"].items():
+            for backbone, tasks in sorted(m["backbones"].items()):
+                for task, t in sorted(tasks.items()):
+                    lines.append(f"| {method} | {m['prefix_layer']}-{r['layers'] - 1} | {backbone} | {task} "
+                                 f"| {t['cases']} | {t['plain_s_per_edit']:.4f} | {t['harness_s_per_edit']:.4f} "
+                                 f"| {t['speedup']:.2f}x |")
     r = results.get("training_cost")
     if r:
         lines += ["", f"## Training cost of the trained methods (`training_cost.py`, from `{r['out_dir']}`)", "",
@@ -126,14 +118,16 @@ def tuning_section(r: dict) -> list[str]:
              "their best so far, and keeps the best; the same number of trials for every method. Validation: a "
              "seeded share of each task's train cases, held out by fact; everything a method learns from the train "
              "split (its `prepare`, UniKE's knowledge folder) is learnt from the rest. Score: the mean of Rel, Gen "
-             "and Loc, one-step, mean over both tasks, then over the backbones. The eval split is never used. "
-             "Scores in %; the chosen trial in bold."]
+             "and Loc, one-step (a `sequential_search`: the mean of one-step and of sequences of 10 validation edits), "
+             "mean over both tasks, "
+             "then over the backbones. The eval split is never used. Scores in %; the chosen trial in bold."]
     for method, m in sorted(r.items()):
         names, backbones = list(m["search"]), sorted(m["backbones"])
         split = "; ".join(f"{b}: {_held_out(m['backbones'][b])}" for b in backbones)
         changed = ", ".join(f"{h} {m['start'][h]} -> {v}" for h, v in m["chosen"].items() if v != m["start"][h])
         lines += ["", f"### {method} (`{m['editor']}`)", "",
-                  f"{len(m['trials'])} trials (trial 1: the entry's own values), {m['seconds'] / 60:.1f} min; "
+                  f"{len(m['trials'])} trials (trial 1: the entry's own values), scored {' and '.join(m['regimes'])}, "
+                  f"{m['seconds'] / 60:.1f} min; "
                   f"{100 * m['validation_share']:.0f}% held out: {split}. "
                   f"Chosen: {changed or 'the start (no change)'}.", "",
                   "| trial | " + " | ".join(names) + " | " + " | ".join(backbones) + " | mean | s |",

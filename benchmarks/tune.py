@@ -22,6 +22,15 @@ with fewer hyperparameters that matter spends the budget on more values of them 
 Score of a trial: the mean of Rel, Gen and Loc (Gen and Loc each the mean of their T- and
 M- parts, as Table 5) on one-step editing of the validation cases, per task, then the mean
 over both tasks and over the backbones: one config entry serves every backbone.
+
+Sequential search (`--sequential`): a hyperparameter that exists for sequences of edits (a
+stability measure such as MEND's `drift_bound`) cannot be chosen one-step alone, where it
+does nothing or only caps. A config entry declares those under `sequential_search:`;
+`--sequential` runs the same pass with the same budget over them, the entry's other values
+as config.yaml holds them (their one-step choice), and scores each trial by the mean of its
+one-step score and its score on sequences of 10 validation edits (`seq-10`: every case
+scored after its whole sequence, as the DAG's runs are): the measure acts in both regimes,
+so it is chosen for both. Its record is `<method>, seq-10` in tuning.json.
 Seeded and deterministic: torch is seeded before every `prepare` and every editor, as each
 DAG job is.
 
@@ -31,6 +40,7 @@ it never writes. Needs a finished default run (`snakemake --cores 2`).
 
     python benchmarks/tune.py --config config.yaml --method ft --method mend
     python benchmarks/tune.py --config config.yaml --method unike --backbones tiny-minigpt4
+    python benchmarks/tune.py --config config.yaml --method mend --sequential
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ from unike.cli import _load_backbone, _torch_setup, _train_cases
 from unike.config import ConfigError, load_config, method_entry
 from unike.data import DataError, EditCase, edit_sample
 from unike.editing import Editor, create_editor, parse_hparams, preparation, resolve_editor
-from unike.grid import ONE_STEP, TASKS, Layout
+from unike.grid import ONE_STEP, SEQ_10, TASKS, Layout
 from unike.harness import make_sequences, pre_edit_predictions, pre_edit_tensors, run_sequences
 from unike.hypernet import split_validation
 from unike.method.encoders import EncoderConfig, pretrain_encoders
@@ -63,31 +73,35 @@ VALIDATION_SHARE = 0.2
 TRIALS = 7  # per method: e.g. three hyperparameters with two values each beside the entry's
 
 
-def search_space(config: dict, method: str) -> tuple[dict, dict[str, list]]:
+def search_space(config: dict, method: str, key: str = "search") -> tuple[dict, dict[str, list]]:
     """The method's start (its entry's values of the searched hyperparameters) and its
     space (per hyperparameter, the entry's value first, then the declared ones), checked
-    against the editor's `Hparams` and the budget."""
+    against the editor's `Hparams` and the budget. `key`: the entry's `search` or
+    `sequential_search`."""
     entry = config["methods"][method]
-    if "search" not in entry:
-        raise ConfigError(f"methods.{method} has no `search`: declare the values to try per hyperparameter "
+    if key not in entry:
+        raise ConfigError(f"methods.{method} has no `{key}`: declare the values to try per hyperparameter "
                           "(docs/baselines.md, Tuning)")
     cls = resolve_editor(entry["editor"])
     known = {f.name for f in dataclasses.fields(cls.Hparams)}
-    unknown = sorted(set(entry["search"]) - known)
+    owner = f"methods.{method}.{key}"
+    unknown = sorted(set(entry[key]) - known)
     if unknown:
-        raise ConfigError(f"methods.{method}.search: unknown hyperparameter(s) {unknown} of {cls.__name__}; "
-                          f"known: {sorted(known)}")
+        raise ConfigError(f"{owner}: unknown hyperparameter(s) {unknown} of {cls.__name__}; known: {sorted(known)}")
     per_backbone = sorted({h for values in entry.get("backbone_hparams", {}).values() for h in values}
-                          & set(entry["search"]))
+                          & set(entry[key]))
     if per_backbone:
-        raise ConfigError(f"methods.{method}.search: {per_backbone} also set per backbone (backbone_hparams); "
+        raise ConfigError(f"{owner}: {per_backbone} also set per backbone (backbone_hparams); "
                           "the search looks for one value serving every backbone")
+    both = sorted(set(entry.get("search", {})) & set(entry.get("sequential_search", {})))
+    if both:
+        raise ConfigError(f"methods.{method}: {both} in both `search` and `sequential_search`")
     values = dataclasses.asdict(parse_hparams(cls.Hparams, entry.get("hparams", {}), f"methods.{method}"))
-    start = {h: values[h] for h in entry["search"]}
-    space = {h: list(dict.fromkeys([start[h], *candidates])) for h, candidates in entry["search"].items()}
+    start = {h: values[h] for h in entry[key]}
+    space = {h: list(dict.fromkeys([start[h], *candidates])) for h, candidates in entry[key].items()}
     trials = 1 + sum(len(v) - 1 for v in space.values())
     if trials != TRIALS:
-        raise ConfigError(f"methods.{method}.search: {trials} trials (1 + the values other than the entry's, "
+        raise ConfigError(f"{owner}: {trials} trials (1 + the values other than the entry's, "
                           f"summed over hyperparameters); every method gets {TRIALS}")
     return start, space
 
@@ -198,13 +212,14 @@ class ValidationSplit:
         torch.manual_seed(self.seed)
         return create_editor(entry, self.backbone, prepared, knowledge)
 
-    def score(self, entry: dict, owner: str) -> dict:
-        """One-step editing of every validation case: scores per task, and their mean."""
+    def score(self, entry: dict, owner: str, regime: str = ONE_STEP.name) -> dict:
+        """Editing of the validation cases in `regime` (one-step: each case alone): scores
+        per task, and their mean."""
         out = {}
         for task, cases in self.validation.items():
             editor = self.editor(entry, task, owner)
             try:
-                rows = run_sequences(editor, make_sequences({task: cases}, ONE_STEP.name, self.seed),
+                rows = run_sequences(editor, make_sequences({task: cases}, regime, self.seed),
                                      self.pre_edit[task], progress_every=len(cases))
             finally:
                 editor.close()
@@ -232,17 +247,26 @@ def validation_split(config: dict, layout: Layout, name: str, root: Path) -> Val
                            EncoderConfig(**{"seed": config["seed"], **config.get("knowledge", {}).get("encoders", {})}))
 
 
-def tune(config: dict, method: str, splits: dict[str, ValidationSplit]) -> dict:
-    """The search of one method over the backbones of `splits`: its record in tuning.json."""
-    start, space = search_space(config, method)
+def tune(config: dict, method: str, splits: dict[str, ValidationSplit], sequential: bool = False) -> dict:
+    """The search of one method over the backbones of `splits`: its record in tuning.json
+    (`sequential`: its `sequential_search`, scored on one-step and seq-10 alike)."""
+    start, space = search_space(config, method, "sequential_search" if sequential else "search")
+    regimes = [ONE_STEP.name, SEQ_10.name] if sequential else [ONE_STEP.name]
     owner, t0 = f"methods.{method}", time.time()
+
+    def backbone_scores(split: ValidationSplit, entry: dict) -> dict:
+        if not sequential:
+            return split.score(entry, owner)
+        # A stability measure acts on a single edit too (it caps it): the mean of both regimes.
+        per_regime = {regime: split.score(entry, owner, regime) for regime in regimes}
+        return {**per_regime, "mean": sum(s["mean"] for s in per_regime.values()) / len(per_regime)}
 
     def evaluate(values: dict) -> dict:
         t = time.time()
         scores = {}
         for name, split in splits.items():
             entry = method_entry(config, method, name)
-            scores[name] = split.score({**entry, "hparams": {**entry["hparams"], **values}}, owner)
+            scores[name] = backbone_scores(split, {**entry, "hparams": {**entry["hparams"], **values}})
         mean = sum(s["mean"] for s in scores.values()) / len(scores)
         print(method, values, round(100 * mean, 1), {n: round(100 * s["mean"], 1) for n, s in scores.items()},
               flush=True)
@@ -250,11 +274,16 @@ def tune(config: dict, method: str, splits: dict[str, ValidationSplit]) -> dict:
 
     chosen, trials = coordinate_search(start, space, evaluate)
     rebuilt = resolve_editor(config["methods"][method]["editor"]).needs_knowledge
-    return {"editor": config["methods"][method]["editor"], "seed": config["seed"],
+    return {"editor": config["methods"][method]["editor"], "seed": config["seed"], "regimes": regimes,
             "validation_share": VALIDATION_SHARE, "start": start, "search": space, "chosen": chosen,
             "trials": trials, "seconds": round(time.time() - t0, 1),
             "backbones": {n: {**s.summary(), **({"triplets_removed": s.triplets_removed} if rebuilt else {})}
                           for n, s in splits.items()}}
+
+
+def record_name(method: str, sequential: bool) -> str:
+    """A search's key in tuning.json: the method, or `<method>, seq-10` for its sequential search."""
+    return f"{method}, {SEQ_10.name}" if sequential else method
 
 
 def advice(method: str, record: dict) -> str:
@@ -271,7 +300,10 @@ def main() -> None:
     parser.add_argument("--config", default="config.yaml")
     parser.add_argument("--method", action="append", required=True, help="a config entry with `search` (repeatable)")
     parser.add_argument("--backbones", nargs="+", help="default: every backbone of the config")
+    parser.add_argument("--sequential", action="store_true",
+                        help="search the entries' `sequential_search`, scored on seq-10 (module docstring)")
     args = parser.parse_args()
+    key = "sequential_search" if args.sequential else "search"
     try:
         config = load_config(args.config)
         for kind, names, known in (("method", args.method, config["methods"]),
@@ -280,20 +312,21 @@ def main() -> None:
             if unknown:
                 raise ConfigError(f"unknown {kind}(s) {unknown}; defined: {sorted(known)}")
         for method in args.method:
-            search_space(config, method)  # every refusal before any model loads
+            search_space(config, method, key)  # every refusal before any model loads
         layout = Layout(config)
         _torch_setup(config)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         with tempfile.TemporaryDirectory() as tmp:
             splits = {name: validation_split(config, layout, name, Path(tmp) / name)
                       for name in args.backbones or config["backbones"]}
-            records = {method: tune(config, method, splits) for method in args.method}
+            records = {record_name(method, args.sequential): tune(config, method, splits, args.sequential)
+                       for method in args.method}
     except (ConfigError, DataError) as e:  # bad input: one line naming it, no traceback
         raise SystemExit(f"tune.py: error: {e}") from None
     results = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.is_file() else {}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({**results, **records}, indent=2, sort_keys=True) + "\n")
-    print("\n".join(advice(m, r) for m, r in records.items()))
+    print("\n".join(advice(m, records[record_name(m, args.sequential)]) for m in args.method))
 
 
 if __name__ == "__main__":

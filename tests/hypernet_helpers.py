@@ -2,8 +2,8 @@
 checked on untrained tiny backbones (OPT and LLaMA): a briefly trained network really
 edits, its checkpoint reloads exactly, restore is bit-exact, runs are reproducible, sequential
 edits accumulate, a stale prepared folder is refused, `prepare` records the update range
-and validation figures, sequential runs record the weight drift, and `update_bound` keeps
-single edits within the range seen in training and sequences within K times it.
+and validation figures, sequential runs record the weight drift, and `drift_bound` keeps
+every matrix within its bound of the unedited weights, after one edit or ten.
 
 A test module subclasses `HypernetEditorTests` as `Test<Method>` and sets `spec`."""
 
@@ -213,21 +213,27 @@ class HypernetEditorTests:
         run_sequences(editor, [[c] for c in cases], pre_edit(backbone, cases), drift=drift)
         assert len(drift) == 1  # one-step runs have no drift to follow
 
-    def test_update_bound_keeps_edits_within_the_range_seen_in_training(self, backbone, vqa_cases, caption_cases,
-                                                                      tmp_path):
-        trained = self.prepare(backbone, vqa_cases[:4], tmp_path, steps=8, validation_share=0.0)
-        train_max = {name: r["max"] for name, r in trained.extra["train_range"]["rel_update"].items()}
-        editor = self.spec.editor(backbone, {**self.spec.hp, "update_bound": 1.0}, tmp_path)
-        # One edit, of the other task (captions; the network saw only VQA edits): every
-        # matrix moves by at most its largest relative update on the train cases.
-        editor.edit(caption_cases[0])
-        assert all(relative_change(editor, name) <= limit * 1.001 for name, limit in train_max.items())
-        editor.restore()
-        # Ten edits in a row: each matrix moves by at most ten times that (the documented
-        # bound: K bounded edits, each at most update_bound x the largest |dW| / |W0| seen in training).
+    def test_drift_bound_holds_for_one_edit_and_for_a_sequence(self, backbone, vqa_cases, caption_cases, tmp_path):
+        self.prepare(backbone, vqa_cases[:4], tmp_path, steps=8, validation_share=0.0)
+        free = self.spec.editor(backbone, self.spec.hp, tmp_path)
+        bound = 0.5 * max(self._changes(free, vqa_cases[:1]).values())  # half the first unbounded edit: it binds
+        free.close()
+        editor = self.spec.editor(backbone, {**self.spec.hp, "drift_bound": bound}, tmp_path)
+        # Ten edits in a row, of both tasks (the network saw only VQA edits): after every
+        # one, no matrix lies further than drift_bound x |W0| from its unedited weights.
         for k, case in enumerate(vqa_cases + caption_cases, start=1):
             editor.edit(case)
-            assert all(relative_change(editor, name) <= k * limit * 1.001 for name, limit in train_max.items())
+            assert all(relative_change(editor, lin.name) <= bound * 1.001 for lin in editor.linears)
         assert k == 10
+        assert max(relative_change(editor, lin.name) for lin in editor.linears) == pytest.approx(bound, rel=1e-3)
         editor.restore()
+        assert all(relative_change(editor, lin.name) == 0 for lin in editor.linears)  # restore is exact
+
+    @staticmethod
+    def _changes(editor, cases) -> dict[str, float]:
+        for case in cases:
+            editor.edit(case)
+        changes = {lin.name: relative_change(editor, lin.name) for lin in editor.linears}
+        editor.restore()
+        return changes
 

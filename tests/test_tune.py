@@ -78,6 +78,11 @@ def test_every_searched_method_of_the_config_has_the_same_budget():
         start, space = search_space(config, method)
         assert all(space[h][0] == v for h, v in start.items())  # the entry's own value joins each list
         assert 1 + sum(len(v) - 1 for v in space.values()) == TRIALS
+    sequential = [m for m, e in config["methods"].items() if "sequential_search" in e]
+    assert "mend" in sequential  # its drift_bound (baselines/mend.py)
+    for method in sequential:
+        _, space = search_space(config, method, "sequential_search")
+        assert 1 + sum(len(v) - 1 for v in space.values()) == TRIALS
 
 
 def _config(**entry) -> dict:
@@ -93,6 +98,14 @@ def _config(**entry) -> dict:
 def test_a_search_entry_is_checked(entry, message):
     with pytest.raises(ConfigError, match=message):
         search_space(_config(**entry), "m")
+
+
+def test_a_hyperparameter_is_searched_one_step_or_in_sequence_not_both():
+    config = _config(search={"lr": [1e-2] * 6}, sequential_search={"lr": [1e-4]})
+    with pytest.raises(ConfigError, match=r"methods.m: \['lr'\] in both `search` and `sequential_search`"):
+        search_space(config, "m", "sequential_search")
+    with pytest.raises(ConfigError, match="methods.m has no `sequential_search`"):
+        search_space(_config(search={"lr": [1e-2] * 6}), "m", "sequential_search")
 
 
 def test_the_command_refuses_a_method_without_search_in_one_line():

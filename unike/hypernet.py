@@ -14,8 +14,9 @@ the edit input's loss, and are trained in `prepare` one edit per step. What they
 - the figures `prepare` records of the trained network (`probe_updates`, `update_figures`):
   edit success and relative update size |dW| / |W| per edited matrix, on train cases (the
   range seen in training) and on the held-out validation slice;
-- the optional bound of each update at a multiple of the largest relative update seen in
-  training (`update_limits`, `bound_updates`), a stability measure of ours;
+- the optional bound on how far the edited matrices may drift from their unedited values,
+  in one edit or in any sequence (`drift_limits`, `bound_updates`, `bound_drift`), a
+  stability measure of ours;
 - progress logging, and the prepared folder (`ProgressLog`, `Trained`, `save_prepared`,
   `load_prepared`);
 - the editor around a trained network (`HypernetEditor`).
@@ -292,15 +293,25 @@ def bound_updates(updates: dict[str, torch.Tensor], limits: dict[str, float] | N
     return {name: d * (limits[name] / d.norm().clamp(min=1e-12)).clamp(max=1.0) for name, d in updates.items()}
 
 
-def update_limits(train_range: dict, bound: float, linears: list[EditedLinear]) -> dict[str, float] | None:
-    """The largest |dW| each edited matrix may take: `bound` times the largest relative
-    update |dW| / |W0| seen on train cases (`update_figures`' `rel_update` max), times
-    |W0|. The norms are of the unedited weights, so K bounded edits move a matrix by at
-    most K times its limit, whatever the edits before did. bound 0: no limits."""
+def drift_limits(bound: float, linears: list[EditedLinear]) -> dict[str, float] | None:
+    """The largest |W - W0| each edited matrix may reach: `bound` times its unedited norm
+    |W0| (taken when called, on the unedited weights). bound 0: no limits."""
     if bound <= 0:
         return None
-    return {lin.name: bound * train_range["rel_update"][lin.name]["max"] * float(lin.module.weight.float().norm())
-            for lin in linears}
+    return {lin.name: bound * float(lin.module.weight.float().norm()) for lin in linears}
+
+
+@torch.no_grad()
+def bound_drift(linears: list[EditedLinear], unedited: dict[str, torch.Tensor], limits: dict[str, float]) -> None:
+    """Scale each matrix's total change W - W0 back onto its limit where it lies beyond:
+    W = W0 + (W - W0) * limit / |W - W0|. The direction of the accumulated edits is kept;
+    only their size is capped, so the bound holds after any number of edits."""
+    for lin in linears:
+        weight, w0 = lin.module.weight, unedited[lin.name]
+        change = weight.float() - w0.float()
+        norm = float(change.norm())
+        if norm > limits[lin.name]:
+            weight.copy_((w0.float() + change * (limits[lin.name] / norm)).to(weight.dtype))
 
 
 def probe_updates(backbone: Backbone, linears: list[EditedLinear], cases: list[EditCase],
@@ -428,14 +439,16 @@ class HypernetEditor(Editor):
     hyperparameters the saved network must match (`arch_fields`) and define
     `build_network` and `updates`. Sequential edits accumulate, as EasyEdit's sequential
     MEND does: each update is predicted at the current weights and added in place;
-    `restore` copies the saved weights back (bit-exact). With `update_bound` > 0 every
-    update is first scaled down to `update_limits` (measured in `prepare`)."""
+    `restore` copies the saved weights back (bit-exact). With `drift_bound` > 0 each
+    matrix's total change |W - W0| is kept within `drift_bound` times |W0| after every
+    edit (`bound_drift`): a single update is capped at that size, and a sequence of them
+    never moves a matrix further."""
 
     needs_training = True
     method: ClassVar[str]
     arch_fields: ClassVar[tuple[str, ...]]
     # Read when editing, not by `prepare`: variants that differ only in them share a folder.
-    edit_fields: ClassVar[tuple[str, ...]] = ("update_bound",)
+    edit_fields: ClassVar[tuple[str, ...]] = ("drift_bound",)
     float32_parts = {"net": "the hypernetwork trains in float32 in prepare (as mixed-precision training keeps "
                             "float32 master weights) on float32 gradient factors (`capture_factors`); each "
                             "update it predicts is added to the edited weight in the weight's dtype"}
@@ -444,15 +457,12 @@ class HypernetEditor(Editor):
         super().__init__(backbone, hparams, prepared)
         self.linears = edited_linears(backbone, self.hparams.n_layers, self.hparams.include_gate)
         self.net = self.build_network(backbone, self.linears, self.hparams)
-        meta = load_prepared(self.net, prepared, self.method, self.hparams, self.arch_fields, self.linears)
+        load_prepared(self.net, prepared, self.method, self.hparams, self.arch_fields, self.linears)
         self.net.eval().requires_grad_(False)
         self.net.to(backbone.device)
         self.first_layer = min(lin.layer for lin in self.linears)
         self.snapshot = ParamSnapshot({lin.name: lin.module.weight for lin in self.linears})
-        if "train_range" not in meta["summary"]:  # written before the update range was measured
-            raise ValueError(f"{self.method}: {prepared} was prepared by an older version (no update range): "
-                             "re-run prepare-editor")
-        self.limits = update_limits(meta["summary"]["train_range"], self.hparams.update_bound, self.linears)
+        self.limits = drift_limits(self.hparams.drift_bound, self.linears)
 
     @classmethod
     def prepare_key(cls, hparams) -> tuple:
@@ -472,9 +482,11 @@ class HypernetEditor(Editor):
         prefix = clean_prefix(self.backbone, batch, self.first_layer)
         _, _, factors = capture_factors(self.backbone, prefix, batch, self.linears)
         with torch.no_grad():
-            updates = bound_updates(self.updates(case, factors), self.limits)
+            updates = self.updates(case, factors)
             for lin in self.linears:
                 lin.module.weight.add_(updates[lin.name].to(lin.module.weight.dtype))
+            if self.limits:
+                bound_drift(self.linears, self.snapshot.saved, self.limits)
 
     def restore(self) -> None:
         self.snapshot.restore()
