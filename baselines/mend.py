@@ -48,7 +48,7 @@ tiny world's, whose eval edits bring inputs the train split never showed:
   updates reach 2-4.7 times |W0| on train cases of the tiny world (its 128 x 512 matrices
   are small beside a rank-few update), and twenty unbounded ones drifted the weights by
   15-19 times their norm (docs/baselines.md, MEND). The value is chosen on the validation
-  split by `benchmarks/tune.py --regime seq-10`.
+  split by `benchmarks/tune.py --sequential` (one-step and seq-10 scores alike).
 
 Sequential edits accumulate, as EasyEdit's sequential editing applies MEND: every `edit`
 computes a fresh update at the current weights and adds it in place; `restore` copies the
