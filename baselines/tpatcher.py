@@ -67,10 +67,11 @@ class TPatcher(Editor):
         batch = backbone.encode([edit_sample(case)])
         prefix = backbone.prefix(batch, self.layer)
         target, mask = batch.input_ids[0, 1:], batch.answer_mask[0, 1:]
-        with torch.no_grad():
-            wrong = mask & (backbone.logits_from(prefix)[0, :-1].argmax(-1) != target)
+        # One pass from the prefix: the patched layer's FFN inputs and the tokens the model gets wrong.
+        inputs, logits = ffn_inputs(backbone, batch, [self.layer], prefix)
+        edit_inputs = inputs[self.layer][0]
+        wrong = mask & (logits[0, :-1].argmax(-1) != target)
         positions = wrong.nonzero().flatten()[: h.max_neurons]
-        edit_inputs = ffn_inputs(backbone, batch, [self.layer])[self.layer][0]
         if len(positions):  # only mistakes are edited
             own = edit_inputs[positions]
             neurons = KeyValueNeurons(key_init(own))

@@ -66,21 +66,23 @@ def main() -> None:
         lines += ["", f"## Per edit: the harness's way against the plain way (`per_edit.py`, {r['device']})", "",
                   f"Backbones: {r['arch']}, on a small tiny world; config.yaml's hyperparameters, KE and MEND prepared "
                   f"with {r['prepare_steps']} training steps, every edit at most {r['edit_steps']} training steps "
-                  "(T-Patcher's 300 cut; untrained backbones never get an edit right, so T-Patcher and UniKE run to the "
-                  "limit). Plain: per edit, the unedited model's locality predictions computed, every forward pass of "
-                  "the edit through the whole model including the vision tower, the five scored inputs one at a time. "
+                  "(T-Patcher's 300 cut; untrained backbones never get an edit right, so T-Patcher and UniKE run to "
+                  "the limit). Plain: per edit, the unedited model's locality predictions computed, every forward "
+                  "pass of the edit through the whole model including the vision tower, the five scored inputs one at "
+                  "a time. "
                   "Harness: pre-edit predictions from the cache, image features once per image, every pass of the edit "
                   "only through the layers it changes and those above (the lowest edited layer up: the layers column), "
                   "the layers below once per edit, the five scored inputs as one batch. "
-                  "s/edit: CPU seconds per case (edit, evaluation, scoring, restore; one thread, the machine is shared), "
-                  "mean over the cases. Both ways give the same metrics on every case (checked by the script). Each way "
-                  f"ran {r['repeats']} times, alternating; the fastest counts.", "",
+                  "s/edit: CPU seconds per case (edit, evaluation, scoring, restore; one thread, the machine is "
+                  f"shared), each case's fastest of {r['repeats']} runs of each way, alternating; mean over the cases. "
+                  "Both ways give the same metrics on every case and run (checked by the script).", "",
                   "| method | layers | backbone | task | cases | plain s/edit | harness s/edit | speed-up |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for method, m in r["methods"].items():
             for backbone, tasks in sorted(m["backbones"].items()):
                 for task, t in sorted(tasks.items()):
-                    lines.append(f"| {method} | {m['prefix_layer']}-{r['layers'] - 1} | {backbone} | {task} "
+                    layers = f"{m['prefix_layer']}-{r['layers'] - 1}" if m["prefix_layer"] < r["layers"] - 1 else m["prefix_layer"]
+                    lines.append(f"| {method} | {layers} | {backbone} | {task} "
                                  f"| {t['cases']} | {t['plain_s_per_edit']:.4f} | {t['harness_s_per_edit']:.4f} "
                                  f"| {t['speedup']:.2f}x |")
     r = results.get("training_cost")

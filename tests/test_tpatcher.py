@@ -22,7 +22,8 @@ def test_neurons_with_zero_values_change_nothing(backbone, vqa_cases):
 
 def test_key_init_fires_exactly_on_its_token(backbone, vqa_cases):
     batch = backbone.encode([edit_sample(vqa_cases[0])])
-    x = ffn_inputs(backbone, batch, [0])[0][0]
+    inputs, _ = ffn_inputs(backbone, batch, [0])
+    x = inputs[0][0]
     neurons = KeyValueNeurons(key_init(x[-3:]))
     torch.testing.assert_close(neurons.pre_activation(x[-3:]).diagonal(), torch.ones(3))
 

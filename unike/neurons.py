@@ -83,9 +83,10 @@ class FFNPatcher:
 
 @torch.no_grad()
 def ffn_inputs(backbone: Backbone, batch: Batch, layers: list[int], prefix: Prefix | None = None
-               ) -> dict[int, torch.Tensor]:
-    """FFN inputs (B, T, d) of the given layers for one batch; with `prefix` (of that batch,
-    below every layer asked for), only the layers from the prefix up run."""
+               ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """FFN inputs (B, T, d) of the given layers for one batch, and the logits of the same
+    pass (editors check on them whether the edit is already right); with `prefix` (of that
+    batch, below every layer asked for), only the layers from the prefix up run."""
     captured = {}
     handles = []
     for layer in layers:
@@ -94,12 +95,12 @@ def ffn_inputs(backbone: Backbone, batch: Batch, layers: list[int], prefix: Pref
         handles.append(module.register_forward_pre_hook(
             lambda _m, args, layer=layer: captured.__setitem__(layer, args[0])))
     try:
-        backbone.logits(batch) if prefix is None else backbone.logits_from(prefix)
+        logits = backbone.logits(batch) if prefix is None else backbone.logits_from(prefix)
     finally:
         for h in handles:
             h.remove()
     b, t = batch.input_ids.shape
-    return {layer: x.reshape(b, t, -1) for layer, x in captured.items()}
+    return {layer: x.reshape(b, t, -1) for layer, x in captured.items()}, logits
 
 
 def ffn_input_memory(backbone: Backbone, cases, layers: list[int], size: int, seed: int) -> dict[int, torch.Tensor]:
@@ -111,7 +112,8 @@ def ffn_input_memory(backbone: Backbone, cases, layers: list[int], size: int, se
     for case in cases:
         batch = backbone.encode(case_samples(case))
         real = batch.attention_mask.bool()
-        for layer, x in ffn_inputs(backbone, batch, layers).items():
+        inputs, _ = ffn_inputs(backbone, batch, layers)
+        for layer, x in inputs.items():
             rows[layer].append(x[real])
     memory = {}
     for layer, parts in rows.items():

@@ -237,35 +237,35 @@ class UniKE(Editor):
             self.latent.set_batch(batch)
         return self.backbone.logits(batch)
 
-    def _step_logits(self, batch, prefix):
-        """The edit input's logits from the first edited layer up (the latent knowledge and
-        the neurons act only there), with the layers below run once per edit in `prefix`."""
-        return self.backbone.logits_from(prefix)[0, :-1]
-
     def edit(self, case: EditCase) -> None:
         h, backbone = self.hparams, self.backbone
         if self.demonstrations is not None:
             self.demonstrations.edit(case)
+        if self.latent is None and not h.intrinsic:
+            return
         batch = backbone.encode([edit_sample(case)])  # bare: IKE's demonstrations apply at inference
         if self.latent is not None:
             self.latent.detach()  # the edit's own knowledge pair, as the model itself encodes it
-            streams = residual_streams(backbone, batch, self.layers)
+        # Nothing of UniKE acts below the first edited layer: those layers run once per edit,
+        # and every pass of the edit (knowledge pair, FFN inputs, training steps) starts here.
+        prefix = backbone.prefix(batch, self.layers[0])
+        if self.latent is not None:
+            streams = residual_streams(backbone, batch, self.layers, prefix)
             sem_at, last_at = int(last_prompt_positions(batch)[0]), int(last_token_positions(batch)[0])
             for l in self.layers:
                 self.latent.add_entry(l, streams[l][0, sem_at], streams[l][0, last_at])
-        prefix = backbone.prefix(batch, self.layers[0])  # below the edited layers: nothing of UniKE acts there
-        if self.latent is not None:
             self.latent.attach()
             self.latent.set_batch(batch)
         if not h.intrinsic:
             return
         target, mask = batch.input_ids[0, 1:], batch.answer_mask[0, 1:]
-        edit_inputs = ffn_inputs(backbone, batch, self.layers, prefix)
-        with torch.no_grad():
-            already_right = bool((self._step_logits(batch, prefix).argmax(-1)[mask] == target[mask]).all())
-        if not already_right:  # the neurons learn what the latent knowledge does not supply; none if it does
+        # One pass with the latent knowledge in place: the edit's FFN inputs, and whether it is already right.
+        edit_inputs, logits = ffn_inputs(backbone, batch, self.layers, prefix)
+        if not bool((logits[0, :-1].argmax(-1)[mask] == target[mask]).all()):
+            # The neurons learn what the latent knowledge does not supply; none if it does.
             positions = mask.nonzero().flatten()  # the positions that predict answer tokens
             picks = positions[torch.arange(h.n_neurons) % len(positions)]
+            own_inputs = {l: edit_inputs[l][0, positions] for l in self.layers}
             sets = {}
             for l in self.layers:
                 sets[l] = RegulatedNeurons(distinct_keys(edit_inputs[l][0, picks], h.key_spread), self.regulation[l])
@@ -273,14 +273,14 @@ class UniKE(Editor):
             params = [p for n in sets.values() for p in n.parameters()]
             opt = torch.optim.Adam(params, lr=h.lr)
             for step in range(h.max_steps):
-                logits = self._step_logits(batch, prefix)
+                logits = backbone.logits_from(prefix)[0, :-1]  # the edited layers and the head
                 # At least one step: the initial neurons (beta * zeta' in their values) may
                 # happen to right the edit, and must not stay untrained by the memory loss.
                 if step and bool((logits.argmax(-1)[mask] == target[mask]).all()):
                     break
                 loss = F.cross_entropy(logits[mask], target[mask])
                 for l, n in sets.items():
-                    s_own = own_activation(n, edit_inputs[l][0, positions], one_per_token=False)
+                    s_own = own_activation(n, own_inputs[l], one_per_token=False)
                     loss = loss + h.activation_weight * activation_loss(s_own) / len(sets)
                     loss = loss + h.memory_weight * memory_loss(n, s_own, self.ffn_memory[l], h.memory_top_k) / len(sets)
                 opt.zero_grad(set_to_none=True)

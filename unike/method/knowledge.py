@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from unike.backbones import Backbone, Batch
+from unike.backbones import Backbone, Batch, Prefix
 from unike.data import edit_sample, EditCase, Sample
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,17 @@ def triplet_groups(triplets: list[Triplet]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def residual_streams(backbone: Backbone, batch: Batch, layers: list[int]) -> dict[int, torch.Tensor]:
-    """h_l (B, T, d): the input of each decoder layer in `layers`, from one forward pass."""
+def residual_streams(backbone: Backbone, batch: Batch, layers: list[int], prefix: Prefix | None = None
+                     ) -> dict[int, torch.Tensor]:
+    """h_l (B, T, d): the input of each decoder layer in `layers`, from one forward pass;
+    with `prefix` (of that batch, at or below every layer asked for), only the layers from
+    the prefix up run."""
     captured: dict[int, torch.Tensor] = {}
     handles = [backbone.text.layers[l].register_forward_pre_hook(
         lambda _m, args, kwargs, l=l: captured.__setitem__(l, args[0] if args else kwargs["hidden_states"]),
         with_kwargs=True) for l in layers]
     try:
-        backbone.logits(batch)
+        backbone.logits(batch) if prefix is None else backbone.logits_from(prefix)
     finally:
         for h in handles:
             h.remove()

@@ -42,7 +42,10 @@ class LatentIKE:
         self.backbone = backbone
         self.layers = sorted(memory_sem)
         self.base_sem, self.base_pos = memory_sem, memory_pos
-        self.memory_sem, self.memory_pos = dict(memory_sem), dict(memory_pos)
+        # Retrieval compares queries with unit h_sem: normalised when the memory changes,
+        # not on every forward pass.
+        self.base_unit = {l: F.normalize(m, dim=-1) for l, m in memory_sem.items()}
+        self.memory_sem, self.memory_pos, self.unit_sem = dict(memory_sem), dict(memory_pos), dict(self.base_unit)
         self.top_k, self.alpha, self.enc_sem = top_k, alpha, enc_sem
         self.query_positions: torch.Tensor | None = None
         self._state: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -53,13 +56,14 @@ class LatentIKE:
     def add_entry(self, layer: int, h_sem: torch.Tensor, h_pos: torch.Tensor) -> None:
         self.memory_sem[layer] = torch.cat([self.memory_sem[layer], h_sem[None]])
         self.memory_pos[layer] = torch.cat([self.memory_pos[layer], h_pos[None]])
+        self.unit_sem[layer] = F.normalize(self.memory_sem[layer], dim=-1)
 
     def reset(self) -> None:
-        self.memory_sem, self.memory_pos = dict(self.base_sem), dict(self.base_pos)
+        self.memory_sem, self.memory_pos, self.unit_sem = dict(self.base_sem), dict(self.base_pos), dict(self.base_unit)
 
     def retrieve(self, layer: int, queries: torch.Tensor) -> torch.Tensor:
         """Indices (B, K) of the memory entries whose h_sem is closest (cosine) to each query."""
-        sim = F.normalize(queries, dim=-1) @ F.normalize(self.memory_sem[layer], dim=-1).T
+        sim = F.normalize(queries, dim=-1) @ self.unit_sem[layer].T
         return sim.topk(min(self.top_k, sim.shape[1]), dim=-1).indices
 
     # ------------------------------------------------------------------ hooks
