@@ -251,7 +251,8 @@ def draw_figure4(data: Figure4, stem: Path) -> list[Path]:
                 ax.legend(fontsize=7, ncol=2 if ax is ax_c else 1)
             else:
                 _empty(ax, "no configured runs")
-        fig.suptitle(f"Figure 4 (ours: {data.backbone}, {data.task}; mean and 95% CI over edit cases)")
+        fig.suptitle(f"Figure 4 (ours: {data.backbone}, {data.task}; mean and 95% bootstrap CI over facts, and seeds "
+                     "where a point has several)")
         if data.missing:
             fig.supxlabel("Missing (no runs): " + "; ".join(str(m) for m in data.missing), fontsize=7, wrap=True)
         return _save(fig, stem)
