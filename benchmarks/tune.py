@@ -217,9 +217,12 @@ class ValidationSplit:
         per task, and their mean."""
         out = {}
         for task, cases in self.validation.items():
+            sequences = make_sequences({task: cases}, regime, self.seed)
+            if not sequences:
+                raise DataError(f"{task}: {len(cases)} validation cases make no {regime} sequence")
             editor = self.editor(entry, task, owner)
             try:
-                rows = run_sequences(editor, make_sequences({task: cases}, regime, self.seed),
+                rows = run_sequences(editor, sequences,
                                      self.pre_edit[task], progress_every=len(cases))
             finally:
                 editor.close()

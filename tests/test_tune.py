@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from unike.config import ConfigError, load_config
-from unike.data import edit_sample, load_cases
+from unike.data import DataError, edit_sample, load_cases
 from unike.grid import SPLIT_FILES, TASKS
 from unike.method.encoders import EncoderConfig, pretrain_encoders
 from unike.method.knowledge import (collect_triplets, extract_hidden_states, load_triplets, save_hidden_states,
@@ -175,3 +175,39 @@ def test_knowledge_is_rebuilt_without_the_validation_cases(world_dir, world_conf
     assert not {(t.image, t.prompt) for t in rebuilt} & held
     assert (split.knowledge() / "encoders.safetensors").is_file()
     assert set(scores) == {*TASKS, "mean"}
+
+
+class _CannedSplit:
+    """A validation split whose scores are given per (drift_bound, regime): what `tune`
+    makes of them is under test, not the editing."""
+
+    def __init__(self, scores):
+        self.scores, self.calls = scores, []
+
+    def score(self, entry, owner, regime="one-step"):
+        self.calls.append(regime)
+        return {"mean": self.scores[entry["hparams"]["drift_bound"]][regime]}
+
+    def summary(self):
+        return {}
+
+
+def test_a_sequential_search_scores_one_step_and_seq_10_alike():
+    config = {"seed": 0, "methods": {"mend": {"editor": "baselines.mend:MEND", "hparams": {"drift_bound": 0.0},
+                                              "sequential_search": {"drift_bound": [0.25, 0.5, 1.0, 2.0, 3.0, 4.0]}}}}
+    # 4.0 is best one-step, 0.25 best in sequence; 1.0 has the best mean of the two.
+    scores = {0.0: (0.9, 0.1), 0.25: (0.5, 0.9), 0.5: (0.6, 0.8), 1.0: (0.8, 0.7), 2.0: (0.9, 0.3), 3.0: (0.9, 0.2),
+              4.0: (0.95, 0.1)}
+    split = _CannedSplit({b: {"one-step": a, "seq-10": s} for b, (a, s) in scores.items()})
+    record = tune(config, "mend", {"b": split}, sequential=True)
+    assert record["regimes"] == ["one-step", "seq-10"] and len(record["trials"]) == TRIALS
+    assert record["chosen"] == {"drift_bound": 1.0}
+    trial = next(t for t in record["trials"] if t["hparams"] == {"drift_bound": 1.0})
+    assert trial["backbones"]["b"] == {"one-step": {"mean": 0.8}, "seq-10": {"mean": 0.7}, "mean": pytest.approx(0.75)}
+    assert split.calls.count("seq-10") == split.calls.count("one-step") == TRIALS
+
+
+def test_too_few_validation_cases_for_a_sequence_are_named(world_dir, world_config, tmp_path):
+    split = _split(world_dir, world_config, "opt", tmp_path)
+    with pytest.raises(DataError, match=r"e-vqa: \d+ validation cases make no seq-10 sequence"):
+        split.score({"editor": "baselines.ft:FineTune", "hparams": {}}, "methods.ft", "seq-10")
