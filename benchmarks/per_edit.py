@@ -53,7 +53,6 @@ a prefix").
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import statistics
@@ -63,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_resources import EDIT_STEP_HPARAMS, PREPARE_STEP_HPARAMS  # this script's folder is on sys.path
+from gpu_resources import method_setup  # this script's folder is on sys.path
 from unike.backbones import Backbone, Batch, Prefix
 from unike.config import load_config
 from unike.data import ROWS, Sample, case_samples, load_cases
@@ -235,17 +234,13 @@ def deep_setup(root: Path, arch: TinyArch, edited: int, entries: dict[str, dict]
 
 
 def bench_entries(config: dict, prepare_steps: int, edit_steps: int) -> dict[str, dict]:
-    """config.yaml's entries of the intrinsic editors, the trained ones cut to
-    `prepare_steps` training steps, the per-edit step limits (T-Patcher, UniKE) to at most
-    `edit_steps`."""
-    entries = {}
-    for method in METHODS:
-        spec, hparams = config["methods"][method]["editor"], dict(config["methods"][method].get("hparams", {}))
-        configured = dataclasses.asdict(parse_hparams(resolve_editor(spec).Hparams, hparams, method))
-        hparams.update({f: prepare_steps for f in PREPARE_STEP_HPARAMS.get(spec, ())})
-        hparams.update({f: min(edit_steps, configured[f]) for f in EDIT_STEP_HPARAMS.get(spec, ())})
-        entries[method] = {"editor": spec, "hparams": hparams}
-    return entries
+    """config.yaml's entries of the intrinsic editors with the GPU benchmark's cuts
+    (`gpu_resources.method_setup`): the trained ones at `prepare_steps` training steps, the
+    per-edit step limits (T-Patcher, UniKE) at most `edit_steps`."""
+    def no_stand_in(model: str):
+        raise ValueError(f"per_edit.py: an intrinsic editor asked for an auxiliary model ({model})")
+
+    return {m: method_setup(m, config, "toy", prepare_steps, no_stand_in, edit_steps).entry for m in METHODS}
 
 
 def main() -> None:
