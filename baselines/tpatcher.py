@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 
 from unike.data import EditCase, edit_sample
@@ -38,6 +39,21 @@ class TPatcherHparams:
     memory_weight: float = 5.0
     memory_top_k: int = 1000
     memory_size: int = 40000
+    value_scale: float = 10.0  # the authors' amplify_con: values are v_raw * a, a starting here
+
+
+class AmplifiedNeurons(KeyValueNeurons):
+    """T-Patcher's neurons as the authors' code builds them: value = v_raw * a elementwise,
+    both learned, a starting at `scale`. v_raw starts at zero (the authors draw it from
+    N(0, 1), which writes a random vector of norm about 10 sqrt(d) at the edit token before
+    the first step; at zero the patch starts silent and only the NLL shapes it)."""
+
+    def __init__(self, keys: torch.Tensor, scale: float):
+        super().__init__(keys)
+        self.amplifier = nn.Parameter(torch.full_like(self.values, scale))
+
+    def value_vectors(self) -> torch.Tensor:
+        return self.values * self.amplifier
 
 
 def _layer(backbone, hparams) -> int:
@@ -74,7 +90,7 @@ class TPatcher(Editor):
         positions = wrong.nonzero().flatten()[: h.max_neurons]
         if len(positions):  # only mistakes are edited
             own = edit_inputs[positions]
-            neurons = KeyValueNeurons(key_init(own))
+            neurons = AmplifiedNeurons(key_init(own), h.value_scale)
             self.patcher.add(self.layer, neurons)
             opt = torch.optim.Adam(neurons.parameters(), lr=h.lr, weight_decay=h.weight_decay)
             for _ in range(h.max_steps):
