@@ -2,7 +2,7 @@
 
 import torch
 
-from baselines.tpatcher import TPatcher, TPatcherHparams
+from baselines.tpatcher import AmplifiedNeurons, TPatcher, TPatcherHparams
 from unike.data import case_samples, edit_sample
 from unike.neurons import FFNPatcher, KeyValueNeurons, ffn_inputs, key_init
 
@@ -26,6 +26,22 @@ def test_key_init_fires_exactly_on_its_token(backbone, vqa_cases):
     x = inputs[0][0]
     neurons = KeyValueNeurons(key_init(x[-3:]))
     torch.testing.assert_close(neurons.pre_activation(x[-3:]).diagonal(), torch.ones(3))
+
+
+def test_amplified_values_start_silent_and_move_value_scale_times_faster_than_keys():
+    # The authors' amplify_v: value = v_raw * a, a starting at 10. Under Adam a first step
+    # moves every parameter with a gradient by lr, so the values move by lr * 10.
+    torch.manual_seed(0)
+    keys = torch.randn(2, 8)
+    neurons = AmplifiedNeurons(key_init(keys), scale=10.0)
+    assert torch.equal(neurons.value_vectors(), torch.zeros(2, 8))  # a new patch changes nothing yet
+    before = neurons.keys.detach().clone()
+    opt = torch.optim.Adam(neurons.parameters(), lr=1e-2)
+    loss = (neurons(keys) - torch.ones(8)).pow(2).sum()  # each neuron fires (1) on its own input
+    loss.backward()
+    opt.step()
+    torch.testing.assert_close(neurons.value_vectors().abs(), torch.full((2, 8), 0.1), rtol=1e-4, atol=0)
+    assert (neurons.keys.detach() - before).abs().max() <= 1e-2 + 1e-6
 
 
 def test_tpatcher_fixes_the_edit_keeps_memory_silent_and_restores_exactly(backbone, vqa_cases, tmp_path):
