@@ -17,7 +17,7 @@ Both ways run each editor's own code; only the backbone under it differs. They m
 the same metrics on every case: the script checks that.
 
 Architecture: every figure is from untrained tiny backbones as deep as the paper's (32
-layers, TinyArch's default width otherwise), an OPT one (BLIP-2 prompts) and a LLaMA one
+layers; TinyArch's default width 128, or `--hidden`), an OPT one (BLIP-2 prompts) and a LLaMA one
 (MiniGPT-4 prompts), on a small tiny world; no run is needed. Depth is what the prefix
 saves: on the default 4-layer tiny backbones UniKE edits every layer, leaving nothing below
 to save, and issue 14 asks for UniKE on a deep toy with the last 4 layers edited. Each
@@ -251,6 +251,8 @@ def main() -> None:
                         help="runs of each way, alternating; per case the fastest counts")
     parser.add_argument("--layers", type=int, default=32, help="depth of the toy backbones (the paper's: 32)")
     parser.add_argument("--edited", type=int, default=4, help="UniKE's edited layers at the top (the paper's: 4)")
+    parser.add_argument("--hidden", type=int, default=128,
+                        help="width of the toy language models (FFN 4x); other than 128: per_edit-hidden<N>.json")
     parser.add_argument("--prepare-steps", type=int, default=20, help="training steps of KE's and MEND's prepare")
     parser.add_argument("--edit-steps", type=int, default=50,
                         help="at most this many training steps per edit (T-Patcher, UniKE: 50 is UniKE's own)")
@@ -261,13 +263,14 @@ def main() -> None:
     entries = {m: e for m, e in bench_entries(config, args.prepare_steps, args.edit_steps).items()
                if m in args.methods}
     figures = {"device": f"cpu {platform.machine()} x{config['threads']} threads", "repeats": args.repeats,
-               "layers": args.layers, "arch": f"untrained tiny backbones, {args.layers} layers (TinyArch defaults "
-               "otherwise)", "prepare_steps": args.prepare_steps, "edit_steps": args.edit_steps,
+               "layers": args.layers, "hidden": args.hidden,
+               "arch": f"untrained tiny backbones, {args.layers} layers, width {args.hidden} (FFN {4 * args.hidden}; "
+               "TinyArch defaults otherwise)", "prepare_steps": args.prepare_steps, "edit_steps": args.edit_steps,
                "methods": {m: {"editor": e["editor"], "hparams": e["hparams"], "backbones": {}}
                            for m, e in entries.items()}}
     with tempfile.TemporaryDirectory() as tmp:
         for text_model in ("opt", "llama"):
-            arch = TinyArch(text_model=text_model, layers=args.layers)
+            arch = TinyArch(text_model=text_model, layers=args.layers, hidden=args.hidden, ffn=4 * args.hidden)
             setup = deep_setup(Path(tmp) / text_model, arch, args.edited, entries, args.cases, config["seed"])
             name = setup["backbone"].name
             for method, entry in entries.items():
@@ -290,7 +293,8 @@ def main() -> None:
                         "speedup": round(cpu["plain"] / cpu["harness"], 2), "same_metrics": same}
                     print(method, name, task, figures["methods"][method]["backbones"][name][task], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "per_edit.json").write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    name = "per_edit.json" if args.hidden == TinyArch.hidden else f"per_edit-hidden{args.hidden}.json"
+    (RESULTS / name).write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -61,9 +61,10 @@ def main() -> None:
     r = results.get("landscape")
     if r:
         lines += landscape_section(r)
-    r = results.get("per_edit")
-    if r:
-        lines += ["", f"## Per edit: the harness's way against the plain way (`per_edit.py`, {r['device']})", "",
+    for stem in sorted(k for k in results if k == "per_edit" or k.startswith("per_edit-")):
+        r = results[stem]
+        width = "" if stem == "per_edit" else f", `--hidden {r['hidden']}`"
+        lines += ["", f"## Per edit: the harness's way against the plain way (`per_edit.py`{width}, {r['device']})", "",
                   f"Backbones: {r['arch']}, on a small tiny world; config.yaml's hyperparameters, KE and MEND prepared "
                   f"with {r['prepare_steps']} training steps, every edit at most {r['edit_steps']} training steps "
                   "(T-Patcher's 300 cut; untrained backbones never get an edit right, so T-Patcher and UniKE run to "
