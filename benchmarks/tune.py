@@ -99,6 +99,14 @@ def search_space(config: dict, method: str, key: str = "search") -> tuple[dict, 
     values = dataclasses.asdict(parse_hparams(cls.Hparams, entry.get("hparams", {}), f"methods.{method}"))
     start = {h: values[h] for h in entry[key]}
     space = {h: list(dict.fromkeys([start[h], *candidates])) for h, candidates in entry[key].items()}
+    # Each value with the entry's others must make valid hyperparameters: found here, not
+    # when its trial comes up an hour into the search.
+    for h, candidates in space.items():
+        for v in candidates[1:]:
+            try:
+                parse_hparams(cls.Hparams, {**entry.get("hparams", {}), h: v}, owner)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{owner}.{h}: {v!r} with the entry's other values is invalid: {e}") from None
     trials = 1 + sum(len(v) - 1 for v in space.values())
     if trials != TRIALS:
         raise ConfigError(f"{owner}: {trials} trials (1 + the values other than the entry's, "

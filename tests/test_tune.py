@@ -100,6 +100,16 @@ def test_a_search_entry_is_checked(entry, message):
         search_space(_config(**entry), "m")
 
 
+def test_a_searched_value_that_makes_invalid_hyperparameters_is_refused_before_any_trial():
+    # SERAC's labels: shuffle + vocab (0.5 by default) <= 1, so 0.95 can never run; stop 26's
+    # search met it at its seventh trial and lost the six before.
+    config = {"seed": 0, "methods": {"m": {"editor": "baselines.serac:SERAC", "hparams": {},
+                                           "search": {"cf_label_shuffle": [0.1, 0.2, 0.3, 0.95, 0.45, 0.25]}}}}
+    with pytest.raises(ConfigError, match=r"methods.m.search.cf_label_shuffle: 0.95 with the entry's other values "
+                                          r"is invalid: SERAC: cf_label_shuffle and cf_label_vocab"):
+        search_space(config, "m")
+
+
 def test_a_hyperparameter_is_searched_one_step_or_in_sequence_not_both():
     config = _config(search={"lr": [1e-2] * 6}, sequential_search={"lr": [1e-4]})
     with pytest.raises(ConfigError, match=r"methods.m: \['lr'\] in both `search` and `sequential_search`"):
