@@ -18,6 +18,8 @@ value is kept before the next one (a tie keeps the earlier value: the one held s
 then the declared order). A method's search costs 1 + sum over its hyperparameters of
 (values - 1) trials, and every method's space must come to the same `TRIALS`: a method
 with fewer hyperparameters that matter spends the budget on more values of them (IKE: k).
+Every declared value is checked with the entry's other values (the editor's `Hparams`)
+before the first trial: an invalid one is named at once, not when its trial comes up.
 
 Score of a trial: the mean of Rel, Gen and Loc (Gen and Loc each the mean of their T- and
 M- parts, as Table 5) on one-step editing of the validation cases, per task, then the mean
