@@ -36,9 +36,11 @@ so it is chosen for both. Its record is `<method>, seq-10` in tuning.json.
 Seeded and deterministic: torch is seeded before every `prepare` and every editor, as each
 DAG job is.
 
-Writes benchmarks/results/tuning.json (every trial and the choice, per method; other
-methods' records already there are kept) and prints what to change in config.yaml, which
-it never writes. Needs a finished default run (`snakemake --cores 2`).
+Writes benchmarks/results/tuning.json (every trial and the choice, per method, each as its
+search ends; other methods' records already there are kept) and prints what to change in
+config.yaml, which it never writes. Each trial is logged as it ends in
+tuning-unfinished.json (`TrialLog`): a search stopped midway and run again takes up where
+it stopped. Needs a finished default run (`snakemake --cores 2`).
 
     python benchmarks/tune.py --config config.yaml --method ft --method mend
     python benchmarks/tune.py --config config.yaml --method unike --backbones tiny-minigpt4
@@ -71,6 +73,7 @@ from unike.method.encoders import EncoderConfig, pretrain_encoders
 from unike.method.knowledge import load_triplets, save_hidden_states, save_triplets
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tuning.json"
+UNFINISHED = RESULTS.with_name("tuning-unfinished.json")  # trials of searches that have not ended (TrialLog)
 VALIDATION_SHARE = 0.2
 TRIALS = 7  # per method: e.g. three hyperparameters with two values each beside the entry's
 
@@ -135,6 +138,51 @@ def coordinate_search(start: dict, space: dict[str, list], evaluate: Callable[[d
     for name, values in space.items():
         best[name] = max(values, key=lambda v: trial({**best, name: v})["mean"])
     return best, list(trials.values())
+
+
+class TrialLog:
+    """The finished trials of one search, written to `path` (tuning-unfinished.json, one
+    entry per record name) as each finishes, so that a search stopped midway (killed, out of
+    time, a crash) resumes where it stopped: a rerun with the same `identity` (editor, seed,
+    regimes, start, space, backbones) takes the logged trials instead of running them again,
+    and, trials being seeded, gets what a run without the stop would have. `path` None keeps
+    them in memory only. `forget` drops the entry once the search's record is written."""
+
+    def __init__(self, path: Path | None, name: str, identity: dict):
+        self.path, self.name = path, name
+        self.identity = json.loads(json.dumps(identity))  # as the file holds it: lists, not tuples
+        saved = _read_json(path).get(name)
+        self.trials: list[dict] = saved["trials"] if saved and saved["identity"] == self.identity else []
+
+    def get(self, values: dict) -> dict | None:
+        """The logged trial of these searched values, if any."""
+        values = json.loads(json.dumps(values))
+        return next((t for t in self.trials if t["hparams"] == values), None)
+
+    def add(self, trial: dict) -> None:
+        self.trials.append(trial)
+        if self.path is not None:
+            _write_json(self.path, {**_read_json(self.path), self.name: {"identity": self.identity,
+                                                                         "trials": self.trials}})
+
+    @staticmethod
+    def forget(path: Path, name: str) -> None:
+        entries = _read_json(path)
+        entries.pop(name, None)
+        _write_json(path, entries)
+
+
+def _read_json(path: Path | None) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
+
+
+def _write_json(path: Path, entries: dict) -> None:
+    """`entries` to `path`, sorted and indented; an empty dict removes the file."""
+    if entries:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    else:
+        path.unlink(missing_ok=True)
 
 
 def split_by_fact(cases: list[EditCase], share: float, seed: int) -> tuple[list[EditCase], list[EditCase]]:
@@ -260,12 +308,22 @@ def validation_split(config: dict, layout: Layout, name: str, root: Path) -> Val
                            EncoderConfig(**{"seed": config["seed"], **config.get("knowledge", {}).get("encoders", {})}))
 
 
-def tune(config: dict, method: str, splits: dict[str, ValidationSplit], sequential: bool = False) -> dict:
+def tune(config: dict, method: str, splits: dict[str, ValidationSplit], sequential: bool = False,
+         unfinished: Path | None = None) -> dict:
     """The search of one method over the backbones of `splits`: its record in tuning.json
-    (`sequential`: its `sequential_search`, scored on one-step and seq-10 alike)."""
+    (`sequential`: its `sequential_search`, scored on one-step and seq-10 alike). Trials
+    finished by an earlier, stopped run of the same search are taken from `unfinished`, and
+    each new one is added there (None: neither)."""
     start, space = search_space(config, method, "sequential_search" if sequential else "search")
     regimes = [ONE_STEP.name, SEQ_10.name] if sequential else [ONE_STEP.name]
     owner, t0 = f"methods.{method}", time.time()
+    editor = config["methods"][method]["editor"]
+    log = TrialLog(unfinished, record_name(method, sequential),
+                   {"editor": editor, "seed": config["seed"], "regimes": regimes, "validation_share": VALIDATION_SHARE,
+                    "start": start, "search": space, "backbones": sorted(splits)})
+    if log.trials:
+        print(f"{method}: {len(log.trials)} trial(s) finished by an earlier run of this search are taken from "
+              f"{unfinished}", flush=True)
 
     def backbone_scores(split: ValidationSplit, entry: dict) -> dict:
         if not sequential:
@@ -275,6 +333,9 @@ def tune(config: dict, method: str, splits: dict[str, ValidationSplit], sequenti
         return {**per_regime, "mean": sum(s["mean"] for s in per_regime.values()) / len(per_regime)}
 
     def evaluate(values: dict) -> dict:
+        logged = log.get(values)
+        if logged is not None:
+            return {k: v for k, v in logged.items() if k != "hparams"}
         t = time.time()
         scores = {}
         for name, split in splits.items():
@@ -283,13 +344,16 @@ def tune(config: dict, method: str, splits: dict[str, ValidationSplit], sequenti
         mean = sum(s["mean"] for s in scores.values()) / len(scores)
         print(method, values, round(100 * mean, 1), {n: round(100 * s["mean"], 1) for n, s in scores.items()},
               flush=True)
-        return {"backbones": scores, "mean": mean, "seconds": round(time.time() - t, 1)}
+        result = {"backbones": scores, "mean": mean, "seconds": round(time.time() - t, 1)}
+        log.add({"hparams": dict(values), **result})
+        return result
 
+    resumed = sum(t["seconds"] for t in log.trials)
     chosen, trials = coordinate_search(start, space, evaluate)
-    rebuilt = resolve_editor(config["methods"][method]["editor"]).needs_knowledge
-    return {"editor": config["methods"][method]["editor"], "seed": config["seed"], "regimes": regimes,
+    rebuilt = resolve_editor(editor).needs_knowledge
+    return {"editor": editor, "seed": config["seed"], "regimes": regimes,
             "validation_share": VALIDATION_SHARE, "start": start, "search": space, "chosen": chosen,
-            "trials": trials, "seconds": round(time.time() - t0, 1),
+            "trials": trials, "seconds": round(time.time() - t0 + resumed, 1),
             "backbones": {n: {**s.summary(), **({"triplets_removed": s.triplets_removed} if rebuilt else {})}
                           for n, s in splits.items()}}
 
@@ -332,14 +396,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             splits = {name: validation_split(config, layout, name, Path(tmp) / name)
                       for name in args.backbones or config["backbones"]}
-            records = {record_name(method, args.sequential): tune(config, method, splits, args.sequential)
-                       for method in args.method}
+            for method in args.method:  # each record as its search ends: a later one may yet stop
+                name = record_name(method, args.sequential)
+                record = tune(config, method, splits, args.sequential, UNFINISHED)
+                _write_json(RESULTS, {**_read_json(RESULTS), name: record})
+                TrialLog.forget(UNFINISHED, name)
+                print(advice(method, record), flush=True)
     except (ConfigError, DataError) as e:  # bad input: one line naming it, no traceback
         raise SystemExit(f"tune.py: error: {e}") from None
-    results = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.is_file() else {}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({**results, **records}, indent=2, sort_keys=True) + "\n")
-    print("\n".join(advice(m, records[record_name(m, args.sequential)]) for m in args.method))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from conftest import REPO, make_backbone
 
 sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark scripts import each other by name
 from summary import tuning_section  # noqa: E402
-from tune import (TRIALS, ValidationSplit, coordinate_search, search_space, split_by_fact,  # noqa: E402
+from tune import (TRIALS, TrialLog, ValidationSplit, coordinate_search, search_space, split_by_fact,  # noqa: E402
                   tune)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -215,6 +215,46 @@ def test_a_sequential_search_scores_one_step_and_seq_10_alike():
     trial = next(t for t in record["trials"] if t["hparams"] == {"drift_bound": 1.0})
     assert trial["backbones"]["b"] == {"one-step": {"mean": 0.8}, "seq-10": {"mean": 0.7}, "mean": pytest.approx(0.75)}
     assert split.calls.count("seq-10") == split.calls.count("one-step") == TRIALS
+
+
+class _StoppingSplit(_CannedSplit):
+    """Stops the search (as a kill or a crash would) once `limit` scores were asked for."""
+
+    def __init__(self, scores, limit):
+        super().__init__(scores)
+        self.limit = limit
+
+    def score(self, entry, owner, regime="one-step"):
+        if len(self.calls) == self.limit:
+            raise RuntimeError("stopped")
+        return super().score(entry, owner, regime)
+
+
+def test_a_stopped_search_resumes_from_the_trials_it_finished(tmp_path):
+    config = {"seed": 0, "methods": {"mend": {"editor": "baselines.mend:MEND", "hparams": {"drift_bound": 0.0},
+                                              "sequential_search": {"drift_bound": [0.25, 0.5, 1.0, 2.0, 3.0, 4.0]}}}}
+    scores = {0.0: (0.9, 0.1), 0.25: (0.5, 0.9), 0.5: (0.6, 0.8), 1.0: (0.8, 0.7), 2.0: (0.9, 0.3), 3.0: (0.9, 0.2),
+              4.0: (0.95, 0.1)}
+    canned = {b: {"one-step": a, "seq-10": s} for b, (a, s) in scores.items()}
+    log = tmp_path / "tuning-unfinished.json"
+    with pytest.raises(RuntimeError, match="stopped"):  # three trials of two scores each, then the stop
+        tune(config, "mend", {"b": _StoppingSplit(canned, limit=6)}, sequential=True, unfinished=log)
+    logged = json.loads(log.read_text())["mend, seq-10"]["trials"]
+    assert [t["hparams"]["drift_bound"] for t in logged] == [0.0, 0.25, 0.5]
+    rerun = _CannedSplit(canned)
+    record = tune(config, "mend", {"b": rerun}, sequential=True, unfinished=log)
+    assert len(rerun.calls) == 2 * (TRIALS - 3)  # only the trials the first run did not finish
+    uninterrupted = tune(config, "mend", {"b": _CannedSplit(canned)}, sequential=True)
+    assert record["chosen"] == uninterrupted["chosen"] == {"drift_bound": 1.0}
+    assert [t["mean"] for t in record["trials"]] == [t["mean"] for t in uninterrupted["trials"]]
+    # Another search (here: another start) never takes them.
+    other = {**config["methods"]["mend"], "hparams": {"drift_bound": 4.0},
+             "sequential_search": {"drift_bound": [0.0, 0.25, 0.5, 1.0, 2.0, 3.0]}}
+    fresh = _CannedSplit(canned)
+    tune({**config, "methods": {"mend": other}}, "mend", {"b": fresh}, sequential=True, unfinished=log)
+    assert len(fresh.calls) == 2 * TRIALS
+    TrialLog.forget(log, "mend, seq-10")  # what the command does once the record is written
+    assert not log.exists()
 
 
 def test_too_few_validation_cases_for_a_sequence_are_named(world_dir, world_config, tmp_path):
