@@ -3,11 +3,19 @@
 As the authors' code runs it: one neuron per wrongly predicted answer token (at most
 `max_neurons`); only mistakes are edited; key k = q / |q|^2 (q = the FFN input at the
 position that predicts the wrong token), bias 0, so the neuron starts with pre-activation 1
-there. Loss = label-smoothed NLL of the edit + activation loss (fire on your own token) +
-memory loss (stay silent on a memory of FFN inputs cached from the train split; each
-edit's own inputs join the memory, so later patches do not fire on earlier edits). Adam
+there. Each value is v_raw * a, a learned per element and starting at `value_scale` (the
+authors' `amplify_v`, a = 10): under Adam the values move ten times as far per step as the
+keys; without it no edit of the tiny world came right within 300 steps, the memory loss
+pulling each key below its own input first. Loss = label-smoothed NLL of the edit +
+activation loss (fire on your own token) + memory loss (stay silent on a memory of FFN
+inputs cached from the train split; each edit's own inputs join the memory, so later
+patches do not fire on earlier edits). Adam
 with weight decay; training stops once the edit is right. Patches accumulate over
 sequential edits; restore removes them all.
+
+Where it departs from the authors' code: v_raw starts at zero (they draw it from N(0, 1));
+the memory loss takes each neuron's top-k memory rows (theirs takes the top-k over all the
+neurons' rows together); gradients are not clipped (theirs at norm 5).
 
 `prepare` caches the memory: the patched layer's FFN inputs of every token of every
 scored input of the train split (subsampled to `memory_size`).
