@@ -94,6 +94,8 @@ def main() -> None:
                   "prepares: `docs/baselines.md`.", "", *training_cost_table(r["rows"])]
     if "tuning" in results:
         lines += ["", *tuning_section(results["tuning"])]
+    if "tuning-unfinished" in results:
+        lines += ["", *unfinished_section(results["tuning-unfinished"])]
     r = results.get("unike_gate")
     if r:
         lines += ["", f"## UniKE's adaptive alpha: related against unrelated inputs (`unike_gate.py`, from `{r['method']}`)",
@@ -132,15 +134,34 @@ def tuning_section(r: dict) -> list[str]:
                   f"{len(m['trials'])} trials (trial 1: the entry's own values), scored {' and '.join(m['regimes'])}, "
                   f"{m['seconds'] / 60:.1f} min; "
                   f"{100 * m['validation_share']:.0f}% held out: {split}. "
-                  f"Chosen: {changed or 'the start (no change)'}.", "",
-                  "| trial | " + " | ".join(names) + " | " + " | ".join(backbones) + " | mean | s |",
-                  "| --- " * (len(names) + len(backbones) + 3) + "|"]
-        for i, t in enumerate(m["trials"], 1):
-            bold = "**" if t["hparams"] == m["chosen"] else ""
-            cells = [str(t["hparams"][h]) for h in names]
-            cells += [f"{100 * t['backbones'][b]['mean']:.1f}" for b in backbones]
-            cells += [f"{bold}{100 * t['mean']:.1f}{bold}", f"{t['seconds']:.0f}"]
-            lines.append(f"| {i} | " + " | ".join(cells) + " |")
+                  f"Chosen: {changed or 'the start (no change)'}.", "", *trial_table(m["trials"], names, backbones,
+                                                                               m["chosen"])]
+    return lines
+
+
+def unfinished_section(r: dict) -> list[str]:
+    """Searches stopped midway (`tune.py`'s trial log): the trials they finished."""
+    lines = ["## Tuning: searches not finished (`tuning-unfinished.json`)", "",
+             "Trials of searches that stopped before their end; `tune.py` run again with the same config takes them "
+             "and runs only the rest. No choice is made from them."]
+    for name, entry in sorted(r.items()):
+        search = entry["identity"]["search"]
+        lines += ["", f"### {name} (`{entry['identity']['editor']}`): {len(entry['trials'])} of "
+                      f"{1 + sum(len(v) - 1 for v in search.values())} trials", "",
+                  *trial_table(entry["trials"], list(search), entry["identity"]["backbones"])]
+    return lines
+
+
+def trial_table(trials: list[dict], names: list[str], backbones: list[str], chosen: dict | None = None) -> list[str]:
+    """One row per trial: its searched values, per-backbone and mean scores (%), seconds; the chosen in bold."""
+    lines = ["| trial | " + " | ".join(names) + " | " + " | ".join(backbones) + " | mean | s |",
+             "| --- " * (len(names) + len(backbones) + 3) + "|"]
+    for i, t in enumerate(trials, 1):
+        bold = "**" if t["hparams"] == chosen else ""
+        cells = [str(t["hparams"][h]) for h in names]
+        cells += [f"{100 * t['backbones'][b]['mean']:.1f}" for b in backbones]
+        cells += [f"{bold}{100 * t['mean']:.1f}{bold}", f"{t['seconds']:.0f}"]
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -18,7 +18,7 @@ from unike.method.knowledge import (collect_triplets, extract_hidden_states, loa
 from conftest import REPO, make_backbone
 
 sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark scripts import each other by name
-from summary import tuning_section  # noqa: E402
+from summary import tuning_section, unfinished_section  # noqa: E402
 from tune import (TRIALS, TrialLog, ValidationSplit, coordinate_search, search_space, split_by_fact,  # noqa: E402
                   tune)
 
@@ -241,6 +241,9 @@ def test_a_stopped_search_resumes_from_the_trials_it_finished(tmp_path):
         tune(config, "mend", {"b": _StoppingSplit(canned, limit=6)}, sequential=True, unfinished=log)
     logged = json.loads(log.read_text())["mend, seq-10"]["trials"]
     assert [t["hparams"]["drift_bound"] for t in logged] == [0.0, 0.25, 0.5]
+    lines = unfinished_section(json.loads(log.read_text()))  # as RESULTS.md shows it until the search ends
+    assert f"### mend, seq-10 (`baselines.mend:MEND`): 3 of {TRIALS} trials" in lines
+    assert sum(line.startswith("| ") for line in lines) == 2 + 3
     rerun = _CannedSplit(canned)
     record = tune(config, "mend", {"b": rerun}, sequential=True, unfinished=log)
     assert len(rerun.calls) == 2 * (TRIALS - 3)  # only the trials the first run did not finish
