@@ -28,7 +28,7 @@ def test_key_init_fires_exactly_on_its_token(backbone, vqa_cases):
     torch.testing.assert_close(neurons.pre_activation(x[-3:]).diagonal(), torch.ones(3))
 
 
-def test_amplified_values_start_silent_and_move_value_scale_times_faster_than_keys():
+def test_amplified_values_start_silent_and_move_value_scale_times_lr_while_keys_wait():
     # The authors' amplify_v: value = v_raw * a, a starting at 10. Under Adam a first step
     # moves every parameter with a gradient by lr, so the values move by lr * 10.
     torch.manual_seed(0)
@@ -41,7 +41,8 @@ def test_amplified_values_start_silent_and_move_value_scale_times_faster_than_ke
     loss.backward()
     opt.step()
     torch.testing.assert_close(neurons.value_vectors().abs(), torch.full((2, 8), 0.1), rtol=1e-4, atol=0)
-    assert (neurons.keys.detach() - before).abs().max() <= 1e-2 + 1e-6
+    # Values at zero pass no gradient to the keys: the first step shapes the values alone.
+    assert torch.equal(neurons.keys.detach(), before)
 
 
 def test_tpatcher_fixes_the_edit_keeps_memory_silent_and_restores_exactly(backbone, vqa_cases, tmp_path):
