@@ -1,7 +1,10 @@
-"""Wall time and peak memory of a whole DAG run (default or smoke), from scratch.
+"""Wall time, peak memory and where the time goes, for a whole DAG run (default or smoke),
+from scratch.
 
 Runs `snakemake --cores 2` in a fresh temporary directory and samples the resident memory
-of the whole process tree (snakemake and every job it starts) twice a second. Writes
+of the whole process tree (snakemake and every job it starts) twice a second. Snakemake's
+log (kept as `pipeline-snakemake.log` in the run folder) stamps every job's start and
+finish: from it, each rule's jobs and job-minutes, the budget's breakdown. Writes
 benchmarks/results/pipeline-<name>.json.
 
     python benchmarks/pipeline.py default
@@ -14,11 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -37,6 +43,33 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
+STAMP = re.compile(r"\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]")
+STARTED = re.compile(r"(?:local)?rule (\S+):")
+JOBID = re.compile(r"jobid: (\d+)")
+FINISHED = re.compile(r"Finished jobid: (\d+)")
+
+
+def job_minutes(log_lines: list[str]) -> dict[str, dict]:
+    """Per rule, its jobs and their summed minutes, from snakemake's log: a job starts at
+    the stamp above its `rule <name>:` block and ends at the stamp above `Finished jobid`
+    (stamps are to the second)."""
+    started, stamp, rule = {}, None, None
+    by_rule = defaultdict(lambda: {"jobs": 0, "minutes": 0.0})
+    for line in map(str.strip, log_lines):
+        if m := STAMP.fullmatch(line):
+            stamp = datetime.strptime(m[1], "%a %b %d %H:%M:%S %Y")
+        elif m := STARTED.fullmatch(line):
+            rule = m[1]
+        elif (m := JOBID.fullmatch(line)) and rule:
+            started[m[1]], rule = (rule, stamp), None
+        elif (m := FINISHED.match(line)) and m[1] in started:
+            name, t0 = started.pop(m[1])
+            by_rule[name]["jobs"] += 1
+            by_rule[name]["minutes"] += (stamp - t0).total_seconds() / 60
+    return {name: {"jobs": r["jobs"], "minutes": round(r["minutes"], 1)}
+            for name, r in sorted(by_rule.items(), key=lambda kv: -kv[1]["minutes"])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(CONFIGS))
@@ -46,9 +79,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         workdir = str(args.keep.resolve()) if args.keep else scratch
         cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", workdir,
-               "--cores", str(args.cores), "--quiet", *CONFIGS[args.name]]
+               "--cores", str(args.cores), *CONFIGS[args.name]]
         t0 = time.time()
-        proc = subprocess.Popen(cmd)
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        log_path = Path(workdir) / "pipeline-snakemake.log"
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         watched, peak, done = psutil.Process(proc.pid), 0, threading.Event()
 
         def sample():
@@ -59,12 +94,19 @@ def main() -> None:
 
         sampler = threading.Thread(target=sample)
         sampler.start()
+        log_lines = []
+        with log_path.open("w", encoding="utf-8") as log:
+            for line in proc.stdout:  # the whole log to the file; progress and errors to the console
+                log.write(line)
+                log_lines.append(line)
+                if "steps (" in line or "Error" in line or "error" in line:
+                    print(line, end="", flush=True)
         rc = proc.wait()
         done.set()
         sampler.join()
         wall = time.time() - t0
         if rc != 0:
-            raise SystemExit(f"snakemake failed with exit code {rc}")
+            raise SystemExit(f"snakemake failed with exit code {rc}: {log_path}")
         backbones = {}
         for training in sorted(Path(workdir).glob("results*/backbones/*/training.json")):
             report = json.loads(training.read_text(encoding="utf-8"))
@@ -73,7 +115,7 @@ def main() -> None:
                                                "train_s": report["train_s"], "context": report.get("context")}
     figures = {"config": args.name, "cores": args.cores, "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20),
                "machine": f"{platform.machine()} {psutil.cpu_count()} cpus, {round(psutil.virtual_memory().total / 2**30)} GiB",
-               "date": time.strftime("%Y-%m-%d")}
+               "date": time.strftime("%Y-%m-%d"), "job_minutes": job_minutes(log_lines)}
     out = Path(__file__).resolve().parent / "results" / f"pipeline-{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")

@@ -31,6 +31,15 @@ def main() -> None:
                          f"| {r['machine']}, --cores {r['cores']} | {r['date']} |")
             if r.get("note"):
                 lines.append(f"|  | *{r['note']}* | | | | |")
+    for name in ("default", "smoke"):
+        minutes = results.get(f"pipeline-{name}", {}).get("job_minutes")
+        if minutes:
+            total = sum(r["minutes"] for r in minutes.values())
+            lines += ["", f"Where the {name} run's time goes: each rule's jobs and job-minutes from snakemake's log "
+                      f"({total:.1f} job-minutes in all on --cores {results[f'pipeline-{name}']['cores']}).", "",
+                      "| rule | jobs | job-minutes | share |", "| --- | --- | --- | --- |"]
+            lines += [f"| {rule} | {r['jobs']} | {r['minutes']:.1f} | {100 * r['minutes'] / max(total, 0.1):.0f}% |"
+                      for rule, r in minutes.items()]
     if "tiny-backbones" in results:
         lines += ["", "## Tiny backbones (default config, `pretrain_backbone`)", "",
                   "Held-out: fresh renders (`pretrain_eval.json`). Context use (`context_eval.json`, exact match): "
