@@ -47,7 +47,7 @@ import torch
 import transformers
 import yaml
 
-from unike.backbones import IMAGE_TOKEN, Backbone, _check_image_token
+from unike.backbones import IMAGE_TOKEN, Backbone, _check_image_token, cpu_device
 from unike.cli import _torch_setup
 from unike.config import edited_layers, merge_overlays, method_entry
 from unike.grid import E_VQA, ONE_STEP, SPLIT_FILES
@@ -533,7 +533,7 @@ def main(argv=None) -> None:
     _torch_setup({"threads": args.threads or config["threads"], "seed": config["seed"]})  # as every DAG job does
     clock = Clock(args.device)
     device_name = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
-                   else f"cpu {platform.machine()} x{torch.get_num_threads()} threads")
+                   else cpu_device(torch.get_num_threads()))
     result = {
         "scale": args.scale, "device": device_name, "device_type": args.device.type,
         "dtype": str(args.dtype).removeprefix("torch."), "date": datetime.now().strftime("%Y-%m-%d %H:%M"),

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -63,7 +62,7 @@ from pathlib import Path
 import torch
 
 from gpu_resources import method_setup  # this script's folder is on sys.path
-from unike.backbones import Backbone, Batch, Prefix
+from unike.backbones import Backbone, Batch, Prefix, cpu_device
 from unike.config import load_config
 from unike.data import ROWS, Sample, case_samples, load_cases
 from unike.editing import Editor, NoEdit, create_editor, parse_hparams, resolve_editor
@@ -262,7 +261,7 @@ def main() -> None:
     torch.set_num_threads(config["threads"])
     entries = {m: e for m, e in bench_entries(config, args.prepare_steps, args.edit_steps).items()
                if m in args.methods}
-    figures = {"device": f"cpu {platform.machine()} x{config['threads']} threads", "repeats": args.repeats,
+    figures = {"device": cpu_device(config["threads"]), "repeats": args.repeats,
                "layers": args.layers, "hidden": args.hidden,
                "arch": f"untrained tiny backbones, {args.layers} layers, width {args.hidden} (FFN {4 * args.hidden}; "
                "TinyArch defaults otherwise)", "prepare_steps": args.prepare_steps, "edit_steps": args.edit_steps,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from datetime import datetime
 from pathlib import Path
 
 import psutil
+
+from unike.backbones import cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {"default": [], "smoke": ["--configfile", str(REPO / "configs" / "smoke.yaml")]}
@@ -114,7 +115,7 @@ def main() -> None:
                                                "image_feature_spread": report["image_feature_spread"],
                                                "train_s": report["train_s"], "context": report.get("context")}
     figures = {"config": args.name, "cores": args.cores, "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20),
-               "machine": f"{platform.machine()} {psutil.cpu_count()} cpus, {round(psutil.virtual_memory().total / 2**30)} GiB",
+               "machine": f"{cpu_name()}, {psutil.cpu_count()} cpus, {round(psutil.virtual_memory().total / 2**30)} GiB",
                "date": time.strftime("%Y-%m-%d"), "job_minutes": job_minutes(log_lines)}
     out = Path(__file__).resolve().parent / "results" / f"pipeline-{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from unike.backbones import load_backbone
+from unike.backbones import cpu_name, load_backbone
 from unike.data import case_samples
 from unike.tiny import (COLLAPSED_SPREAD, PretrainConfig, TinyArch, answer_predictions_of, build_tokenizer,
                         context_use, corpus_samples, image_feature_spread, pretrain)
@@ -39,6 +39,8 @@ def test_pretraining_is_deterministic_and_reloads_to_identical_outputs(tmp_path,
         by_topic = report["heldout"]["by_topic"]
         assert {"name", "diet", "habitat", "caption", "text-diet", "scene-count"} <= set(by_topic)
         assert sum(t["n"] for t in by_topic.values()) == report["heldout"]["n"]
+        # which CPU made it: the same seed gives other weights on another CPU model
+        assert report["device"] == f"cpu {cpu_name()} x1 threads" and cpu_name()
     a, b = (load_backbone(n, o) for n, o in zip("ab", outs))
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -301,6 +301,24 @@ class Backbone:
         return answers
 
 
+def cpu_name() -> str:
+    """The CPU's model name where Linux tells it, else the architecture. Provenance: float
+    sums, and through pretraining the tiny backbones themselves, differ between CPU models
+    (docs/tiny-world.md, "Machines")."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.machine())
+    except OSError:
+        return platform.machine()
+
+
+def cpu_device(threads: int) -> str:
+    return f"cpu {cpu_name()} x{threads} threads"
+
+
 def answer_predictions(logits: torch.Tensor, batch: Batch) -> list[torch.Tensor]:
     """Per row, the argmax prediction at each answer position (teacher forcing)."""
     pred = logits[:, :-1].argmax(-1)

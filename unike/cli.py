@@ -264,7 +264,9 @@ def _device_string(config: dict) -> str:
 
     if config["device"].startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(config["device"]))
-    return f"cpu {platform.machine()} x{torch.get_num_threads()} threads"
+    from unike.backbones import cpu_device
+
+    return cpu_device(torch.get_num_threads())
 
 
 def cmd_edit_eval(args) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from unike.backbones import IMAGE_TOKEN, Backbone, answer_predictions, save_backbone
+from unike.backbones import IMAGE_TOKEN, Backbone, answer_predictions, cpu_device, save_backbone
 from unike.data import Sample, vqa_prompt
 from unike.world import stated_query
 
@@ -241,7 +241,7 @@ def pretrain(world_dir: Path, out_dir: Path, arch: TinyArch, train: PretrainConf
                     spread, COLLAPSED_SPREAD)
     report = {"arch": arch.__dict__, "pretrain": train.__dict__, "heldout": heldout_acc, "history": history,
               "image_feature_spread": spread, "train_s": time.time() - t0, "n_train_samples": len(train_samples),
-              "context": context}
+              "context": context, "device": cpu_device(threads)}
     save_backbone(out_dir, model, tokenizer, prompt_style, arch.image_size, {"tiny": True})
     (out_dir / "training.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
