@@ -6,7 +6,6 @@ with rows for every table and figure, a knowledge-spaces parquet and a Figure 4 
 
 from __future__ import annotations
 
-import copy
 import random
 from pathlib import Path
 
