@@ -95,12 +95,10 @@ def main() -> None:
 
         sampler = threading.Thread(target=sample)
         sampler.start()
-        log_lines = []
         with log_path.open("w", encoding="utf-8") as log:
             for line in proc.stdout:  # the whole log to the file; progress and errors to the console
                 log.write(line)
-                log_lines.append(line)
-                if "steps (" in line or "Error" in line or "error" in line:
+                if "steps (" in line or "error" in line.lower():
                     print(line, end="", flush=True)
         rc = proc.wait()
         done.set()
@@ -108,6 +106,7 @@ def main() -> None:
         wall = time.time() - t0
         if rc != 0:
             raise SystemExit(f"snakemake failed with exit code {rc}: {log_path}")
+        minutes = job_minutes(log_path.read_text(encoding="utf-8").splitlines())  # before the scratch folder goes
         backbones = {}
         for training in sorted(Path(workdir).glob("results*/backbones/*/training.json")):
             report = json.loads(training.read_text(encoding="utf-8"))
@@ -116,7 +115,7 @@ def main() -> None:
                                                "train_s": report["train_s"], "context": report.get("context")}
     figures = {"config": args.name, "cores": args.cores, "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20),
                "machine": f"{cpu_name()}, {psutil.cpu_count()} cpus, {round(psutil.virtual_memory().total / 2**30)} GiB",
-               "date": time.strftime("%Y-%m-%d"), "job_minutes": job_minutes(log_lines)}
+               "date": time.strftime("%Y-%m-%d"), "job_minutes": minutes}
     out = Path(__file__).resolve().parent / "results" / f"pipeline-{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")

@@ -39,7 +39,7 @@ def main() -> None:
                       f"({total:.1f} job-minutes in all on --cores {results[f'pipeline-{name}']['cores']}).", "",
                       "| rule | jobs | job-minutes | share |", "| --- | --- | --- | --- |"]
             lines += [f"| {rule} | {r['jobs']} | {r['minutes']:.1f} | {100 * r['minutes'] / max(total, 0.1):.0f}% |"
-                      for rule, r in minutes.items()]
+                      for rule, r in sorted(minutes.items(), key=lambda kv: -kv[1]["minutes"])]  # JSON keys come sorted
     if "tiny-backbones" in results:
         lines += ["", "## Tiny backbones (default config, `pretrain_backbone`)", "",
                   "Held-out: fresh renders (`pretrain_eval.json`). Context use (`context_eval.json`, exact match): "
