@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from unike.data import EditCase, edit_sample
 from unike.editing import Editor
 from unike.neurons import (FFNPatcher, KeyValueNeurons, activation_loss, ffn_input_memory, ffn_inputs, key_init,
-                           memory_loss, own_activation)
+                           memory_columns, memory_loss, own_activation)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,8 @@ class TPatcher(Editor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.layer = _layer(self.backbone, self.hparams)
-        self.base_memory = load_file(str(self.prepared / "memory.safetensors"))["memory"].to(self.backbone.device)
+        memory = load_file(str(self.prepared / "memory.safetensors"))["memory"].to(self.backbone.device)
+        self.base_memory = memory_columns(memory)  # (d, M)
         self.memory = self.base_memory
         self.patcher = FFNPatcher(self.backbone)
 
@@ -115,7 +116,7 @@ class TPatcher(Editor):
             for p in neurons.parameters():
                 p.requires_grad_(False)
         # Later patches must stay silent on this edit's inputs too.
-        self.memory = torch.cat([self.memory, edit_inputs[batch.attention_mask[0].bool()]])
+        self.memory = torch.cat([self.memory, edit_inputs[batch.attention_mask[0].bool()].T], dim=1)
 
     def restore(self) -> None:
         self.patcher.clear()

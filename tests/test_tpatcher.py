@@ -4,7 +4,7 @@ import torch
 
 from baselines.tpatcher import AmplifiedNeurons, TPatcher, TPatcherHparams
 from unike.data import case_samples, edit_sample
-from unike.neurons import FFNPatcher, KeyValueNeurons, ffn_inputs, key_init
+from unike.neurons import FFNPatcher, KeyValueNeurons, ffn_inputs, key_init, memory_columns, memory_loss
 
 
 def _logits(backbone, case):
@@ -45,6 +45,29 @@ def test_amplified_values_start_silent_and_move_value_scale_times_lr_while_keys_
     assert torch.equal(neurons.keys.detach(), before)
 
 
+def test_memory_loss_is_t_patchers_over_each_neurons_k_hardest_memory_inputs():
+    g = torch.Generator().manual_seed(0)
+    memory = torch.randn(40, 6, generator=g)  # 40 FFN inputs (rows)
+    neurons = KeyValueNeurons(torch.randn(3, 6, generator=g))
+    with torch.no_grad():
+        neurons.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    s_own = torch.tensor([1.0, 2.0, 0.0])
+    expected = 0.0
+    keys, bias = neurons.keys.detach(), neurons.bias.detach()
+    for j in range(3):  # by hand: neuron j's 5 largest pre-activations over the rows
+        a = sorted((float(memory[i] @ keys[j] + bias[j]) for i in range(40)), reverse=True)[:5]
+        expected += sum(torch.exp(torch.tensor(x - float(s_own[j]) + 3.0)) + torch.exp(torch.tensor(x + 3.0))
+                        for x in a) / 15
+    loss = memory_loss(neurons, s_own, memory_columns(memory), top_k=5)
+    assert torch.allclose(loss, torch.as_tensor(expected, dtype=loss.dtype), rtol=1e-5)
+    loss.backward()  # only the top-5 inputs of each neuron pull on its key
+    top = (memory @ keys.T + bias).topk(5, dim=0).indices
+    for j in range(3):
+        grad_by_hand = sum(memory[i] * float(torch.exp(memory[i] @ keys[j] + bias[j] + 3)
+                                             * (torch.exp(-s_own[j]) + 1) / 15) for i in top[:, j])
+        assert torch.allclose(neurons.keys.grad[j], grad_by_hand, rtol=1e-4, atol=1e-6)
+
+
 def test_tpatcher_fixes_the_edit_keeps_memory_silent_and_restores_exactly(backbone, vqa_cases, tmp_path):
     hp = TPatcherHparams(max_steps=300)
     TPatcher.prepare(backbone, hp, vqa_cases[2:], tmp_path, seed=0)
@@ -59,7 +82,7 @@ def test_tpatcher_fixes_the_edit_keeps_memory_silent_and_restores_exactly(backbo
     assert torch.equal(pred, target)
     assert len(editor.patcher.neurons[len(backbone.text) - 1]) == 1
     # The memory grew by the edit's own inputs, so a second patch must not fire there.
-    assert editor.memory.shape[0] > editor.base_memory.shape[0]
+    assert editor.memory.shape[1] > editor.base_memory.shape[1]
     editor.edit(vqa_cases[1])
     assert len(editor.patcher.neurons[len(backbone.text) - 1]) == 2  # patches accumulate
     editor.restore()

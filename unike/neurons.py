@@ -138,12 +138,21 @@ def activation_loss(s_own: torch.Tensor) -> torch.Tensor:
     return torch.exp(-s_own).mean()
 
 
+def memory_columns(memory: torch.Tensor) -> torch.Tensor:
+    """A memory of FFN inputs (M, d) as `memory_loss` reads it: (d, M), contiguous. A
+    (neurons x d) @ (d x M) product and a top-k along the last dimension are about twice
+    as fast on a CPU as the row layout's (M x d) @ (d x neurons) and top-k down columns."""
+    return memory.T.contiguous()
+
+
 def memory_loss(neurons: KeyValueNeurons, s_own: torch.Tensor, memory: torch.Tensor, top_k: int = 1000,
                 margin: float = 3.0) -> torch.Tensor:
     """T-Patcher's memory loss: on unrelated FFN inputs the neurons stay `margin` below
-    their activation on the edit, and below -`margin` outright (top-k hardest inputs)."""
+    their activation on the edit, and below -`margin` outright (top-k hardest inputs).
+    `memory` holds the inputs as columns (`memory_columns`). The loss is a mean over the
+    top-k, so their order does not matter (`sorted=False` halves the top-k's cost)."""
     if memory.numel() == 0:
         return s_own.new_zeros(())
-    a_mem = neurons.pre_activation(memory)  # (n_memory, n_neurons)
-    top = a_mem.topk(min(top_k, a_mem.shape[0]), dim=0).values
-    return torch.exp(top - s_own + margin).mean() + torch.exp(top + margin).mean()
+    a_mem = torch.addmm(neurons.bias[:, None], neurons.keys, memory)  # (n_neurons, n_memory)
+    top = a_mem.topk(min(top_k, a_mem.shape[1]), dim=1, sorted=False).values
+    return torch.exp(top - s_own[:, None] + margin).mean() + torch.exp(top + margin).mean()

@@ -48,8 +48,8 @@ from unike.incontext import BUNDLED, DEMONSTRATIONS_FLOAT32, Demonstrations, bui
 from unike.method.encoders import load_layer_encoders
 from unike.method.knowledge import last_prompt_positions, last_token_positions, residual_streams
 from unike.method.latent_ike import LatentIKE
-from unike.neurons import (FFNPatcher, KeyValueNeurons, activation_loss, ffn_input_memory, ffn_inputs, memory_loss,
-                           own_activation)
+from unike.neurons import (FFNPatcher, KeyValueNeurons, activation_loss, ffn_input_memory, ffn_inputs, memory_columns,
+                           memory_loss, own_activation)
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ class UniKE(Editor):
         self.regulation = {l: None if h.zeta == "none" else (h.beta * zeta[f"{h.zeta}.{l}"]).to(device, backbone.dtype)
                            for l in self.layers}  # beta * zeta', the same for every edit
         memory = load_file(str(prepared / "ffn_memory.safetensors"))
-        self.ffn_memory = {l: memory[str(l)].to(device) for l in self.layers}
+        self.ffn_memory = {l: memory_columns(memory[str(l)].to(device)) for l in self.layers}  # (d, M)
         self.base_ffn_memory = dict(self.ffn_memory)
         self.patcher = FFNPatcher(backbone)
         self.latent = None
@@ -290,7 +290,7 @@ class UniKE(Editor):
                 p.requires_grad_(False)
         real = batch.attention_mask[0].bool()
         for l in self.layers:  # later neurons must stay silent on this edit's inputs too
-            self.ffn_memory[l] = torch.cat([self.ffn_memory[l], edit_inputs[l][0][real]])
+            self.ffn_memory[l] = torch.cat([self.ffn_memory[l], edit_inputs[l][0][real].T], dim=1)
 
     @torch.no_grad()
     def predict(self, samples):
