@@ -40,6 +40,10 @@ class TinyArch:
     num_query_tokens: int = 8
     patch_size: int = 8
     image_size: int = 64
+    # Tie the output embedding to the input one; None: as the real model does (OPT ties,
+    # LLaMA does not). Untied, a name the corpus rarely ends a sentence with has a barely
+    # trained output row, and the backbone cannot copy it from context (docs/tiny-world.md).
+    tie_embeddings: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,10 @@ def build_tokenizer(words: list[str]):
 
 
 def text_config(kind: str, hidden: int, layers: int, heads: int, ffn: int, max_positions: int, tokenizer,
-                vocab_size: int | None = None):
-    """An OPT or LLaMA text config (LLaMA: untied embeddings, no grouped KV heads, as
-    Vicuna-7B); `vocab_size` rows, by default the tokenizer's size."""
+                vocab_size: int | None = None, tie_embeddings: bool | None = None):
+    """An OPT or LLaMA text config (LLaMA: no grouped KV heads, as Vicuna-7B; embeddings
+    tied as the real model ties them unless `tie_embeddings` says otherwise); `vocab_size`
+    rows, by default the tokenizer's size."""
     ids = dict(vocab_size=vocab_size or len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if kind == "opt":
@@ -88,13 +93,14 @@ def text_config(kind: str, hidden: int, layers: int, heads: int, ffn: int, max_p
 
         return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn, num_attention_heads=heads,
                          word_embed_proj_dim=hidden, max_position_embeddings=max_positions,
-                         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **ids)
+                         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                         tie_word_embeddings=True if tie_embeddings is None else tie_embeddings, **ids)
     if kind == "llama":
         from transformers import LlamaConfig
 
         return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=ffn,
                            num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
-                           tie_word_embeddings=False, **ids)
+                           tie_word_embeddings=bool(tie_embeddings), **ids)
     raise ValueError(f"unknown text model {kind!r}")
 
 
@@ -111,7 +117,8 @@ def build_model(arch: TinyArch, tokenizer):
         intermediate_size=4 * arch.vision_hidden, cross_attention_frequency=1, encoder_hidden_size=arch.vision_hidden,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
-    text = text_config(arch.text_model, arch.hidden, arch.layers, arch.heads, arch.ffn, 256, tokenizer)
+    text = text_config(arch.text_model, arch.hidden, arch.layers, arch.heads, arch.ffn, 256, tokenizer,
+                       tie_embeddings=arch.tie_embeddings)
     config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
                          num_query_tokens=arch.num_query_tokens,
                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))

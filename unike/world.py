@@ -715,14 +715,16 @@ def _text_question(rng: np.random.Generator, c: Creature, fact: str) -> str:
     return _pick(rng, TEXT_TEMPLATES[fact]).format(name=c.name)
 
 
-def _statement(rng: np.random.Generator, c: Creature, kind: str, fact: str) -> tuple[str, str]:
-    """(fact prompt, fact answer) of a stated fact about creature `c`."""
+def _statement(rng: np.random.Generator, c: Creature, kind: str, fact: str, name: str | None = None
+               ) -> tuple[str, str]:
+    """(fact prompt, fact answer) of a stated fact about creature `c`; a caption calls it
+    `name`, by default its own."""
     value = _pick(rng, _values(fact, c))
     if kind == "vqa":
         return _vqa_question(rng, fact), value
     if kind == "caption":
         facts = {f: c.old(f) for f in FACTS} | {fact: value}
-        return _caption_prefix(rng), CAPTION_TEMPLATE.format(name=c.name, **facts)
+        return _caption_prefix(rng), CAPTION_TEMPLATE.format(name=name or c.name, **facts)
     return _text_question(rng, c, fact), value
 
 
@@ -758,7 +760,7 @@ def context_records(subjects: list[Creature], pool: list[Creature], picture, sce
     for _ in range(n):
         c = subjects[int(rng.integers(len(subjects)))]
         others = [o for o in pool if o is not c]
-        kind = _pick(rng, ("vqa", "vqa", "caption", "text", "text"))
+        kind = _pick(rng, ("vqa", "caption", "text"))
         fact = _pick(rng, FACTS)
         fp, fa = _statement(rng, c, kind, fact)
         other_fact = FACTS[1 - FACTS.index(fact)]
@@ -768,6 +770,16 @@ def context_records(subjects: list[Creature], pool: list[Creature], picture, sce
         if topic == "context-otherfact" and not c.familiar:  # a new creature has no known other fact
             c = pool[int(rng.integers(len(pool)))]
             fp, fa = _statement(rng, c, kind, fact)
+        if topic == "context-follow" and kind == "caption" and purpose == "context":
+            # Training only: the caption calls the pictured creature by another's name, so
+            # the picture cannot answer the name slot and copying must (held-out records
+            # keep the creature's own name, as an edit's caption does). Never a caption that
+            # would state the named creature's current value of a changed fact (an edit target).
+            while True:
+                o = subjects[int(rng.integers(len(subjects)))]
+                fp, fa = _statement(rng, c, kind, fact, name=o.name)
+                if not any(o.current(f) in fa for f in o.changed_facts):
+                    break
         if topic == "context-follow":
             image = None if kind == "text" else picture(c, rng)
             prompt = {"vqa": lambda: _vqa_question(rng, fact), "caption": lambda: _caption_prefix(rng),
