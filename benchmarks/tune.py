@@ -63,7 +63,7 @@ from safetensors import safe_open
 
 from unike.backbones import Backbone
 from unike.cli import _load_backbone, _torch_setup, _train_cases
-from unike.config import ConfigError, load_config, method_entry
+from unike.config import ConfigError, load_config, method_entry, model_settings, settings_hash
 from unike.data import DataError, EditCase, edit_sample
 from unike.editing import Editor, create_editor, parse_hparams, preparation, resolve_editor
 from unike.grid import ONE_STEP, SEQ_10, TASKS, Layout
@@ -144,7 +144,7 @@ class TrialLog:
     """The finished trials of one search, written to `path` (tuning-unfinished.json, one
     entry per record name) as each finishes, so that a search stopped midway (killed, out of
     time, a crash) resumes where it stopped: a rerun with the same `identity` (editor, seed,
-    regimes, start, space, backbones) takes the logged trials instead of running them again,
+    regimes, start, space, backbones and the hash of what decides each) takes the logged trials instead of running them again,
     and, trials being seeded, gets what a run without the stop would have. `path` None keeps
     them in memory only. `forget` drops the entry once the search's record is written."""
 
@@ -233,6 +233,7 @@ class ValidationSplit:
     seed: int
     knowledge_source: Path | None = None  # the run's knowledge folder, built from the whole train split
     encoders: EncoderConfig | None = None  # how the run trained the knowledge folder's encoders
+    backbone_settings: str | None = None  # the hash of what decides the backbone: world, pretraining, data
     triplets_removed: int | None = None  # once the knowledge is rebuilt
     prepared: dict[tuple, Path] = dataclasses.field(default_factory=dict)
     pre_edit: dict[str, dict] = dataclasses.field(init=False)
@@ -305,7 +306,8 @@ def validation_split(config: dict, layout: Layout, name: str, root: Path) -> Val
                                                     config["seed"])
     return ValidationSplit(_load_backbone(config, layout, name), fit, validation, root, config["seed"],
                            layout.knowledge(name),
-                           EncoderConfig(**{"seed": config["seed"], **config.get("knowledge", {}).get("encoders", {})}))
+                           EncoderConfig(**{"seed": config["seed"], **config.get("knowledge", {}).get("encoders", {})}),
+                           settings_hash(model_settings(config, name)))
 
 
 def tune(config: dict, method: str, splits: dict[str, ValidationSplit], sequential: bool = False,
@@ -318,9 +320,12 @@ def tune(config: dict, method: str, splits: dict[str, ValidationSplit], sequenti
     regimes = [ONE_STEP.name, SEQ_10.name] if sequential else [ONE_STEP.name]
     owner, t0 = f"methods.{method}", time.time()
     editor = config["methods"][method]["editor"]
+    # A backbone by the hash of what decides it (world, pretraining, data): trials scored on
+    # other backbones (another world, another schedule) are never resumed from.
+    backbone_hashes = {n: splits[n].backbone_settings for n in sorted(splits)}
     log = TrialLog(unfinished, record_name(method, sequential),
                    {"editor": editor, "seed": config["seed"], "regimes": regimes, "validation_share": VALIDATION_SHARE,
-                    "start": start, "search": space, "backbones": sorted(splits)})
+                    "start": start, "search": space, "backbones": backbone_hashes})
     if log.trials:
         print(f"{method}: {len(log.trials)} trial(s) finished by an earlier run of this search are taken from "
               f"{unfinished}", flush=True)
@@ -354,7 +359,8 @@ def tune(config: dict, method: str, splits: dict[str, ValidationSplit], sequenti
     return {"editor": editor, "seed": config["seed"], "regimes": regimes,
             "validation_share": VALIDATION_SHARE, "start": start, "search": space, "chosen": chosen,
             "trials": trials, "seconds": round(time.time() - t0 + resumed, 1),
-            "backbones": {n: {**s.summary(), **({"triplets_removed": s.triplets_removed} if rebuilt else {})}
+            "backbones": {n: {**s.summary(), "settings": s.backbone_settings,
+                              **({"triplets_removed": s.triplets_removed} if rebuilt else {})}
                           for n, s in splits.items()}}
 
 

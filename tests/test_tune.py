@@ -191,6 +191,8 @@ class _CannedSplit:
     """A validation split whose scores are given per (drift_bound, regime): what `tune`
     makes of them is under test, not the editing."""
 
+    backbone_settings = "canned"
+
     def __init__(self, scores):
         self.scores, self.calls = scores, []
 
@@ -250,6 +252,11 @@ def test_a_stopped_search_resumes_from_the_trials_it_finished(tmp_path):
     uninterrupted = tune(config, "mend", {"b": _CannedSplit(canned)}, sequential=True)
     assert record["chosen"] == uninterrupted["chosen"] == {"drift_bound": 1.0}
     assert [t["mean"] for t in record["trials"]] == [t["mean"] for t in uninterrupted["trials"]]
+    # Trials scored on other backbones (another world or schedule) are never taken.
+    elsewhere = _CannedSplit(canned)
+    elsewhere.backbone_settings = "another world"
+    tune(config, "mend", {"b": elsewhere}, sequential=True, unfinished=log)
+    assert len(elsewhere.calls) == 2 * TRIALS
     # Another search (here: another start) never takes them.
     other = {**config["methods"]["mend"], "hparams": {"drift_bound": 4.0},
              "sequential_search": {"drift_bound": [0.0, 0.25, 0.5, 1.0, 2.0, 3.0]}}
