@@ -33,7 +33,8 @@ def _split(world_dir, world_config, text_model, root, **knowledge) -> Validation
     fit, validation = {}, {}
     for task in TASKS:
         fit[task], validation[task] = split_by_fact(_cases(world_dir, task, "train"), 0.2, 0)
-    return ValidationSplit(make_backbone(world_config, text_model), fit, validation, root, 0, **knowledge)
+    return ValidationSplit(make_backbone(world_config, text_model), fit, validation, root, 0,
+                           backbone_settings=f"hash-{text_model}", **knowledge)
 
 
 def test_validation_split_holds_whole_facts_and_never_an_eval_case(world_dir):
@@ -160,6 +161,7 @@ def test_trials_prepare_on_the_fit_cases_and_score_the_validation_cases(world_di
     lines = tuning_section(json.loads(json.dumps({"tpatcher": record})))  # as RESULTS.md shows tuning.json
     assert sum(line.startswith("| ") for line in lines) == 2 + TRIALS  # header, rule, one row a trial
     assert sum("**" in line for line in lines) == 1  # the chosen trial
+    assert "Scored on backbones of settings hash llama hash-llama, opt hash-opt." in lines
     again = splits["opt"].score({"editor": "baselines.tpatcher:TPatcher",
                                  "hparams": {"max_steps": 3, "memory_size": 200, **best["hparams"]}}, "methods.tpatcher")
     assert again == best["backbones"]["opt"]  # seeded and deterministic
