@@ -144,8 +144,9 @@ class TrialLog:
     """The finished trials of one search, written to `path` (tuning-unfinished.json, one
     entry per record name) as each finishes, so that a search stopped midway (killed, out of
     time, a crash) resumes where it stopped: a rerun with the same `identity` (editor, seed,
-    regimes, start, space, backbones and the hash of what decides each) takes the logged trials instead of running them again,
-    and, trials being seeded, gets what a run without the stop would have. `path` None keeps
+    regimes, start, space, and each backbone's settings hash) takes the logged trials
+    instead of running them again, and, trials being seeded, gets what a run without the
+    stop would have. `path` None keeps
     them in memory only. `forget` drops the entry once the search's record is written."""
 
     def __init__(self, path: Path | None, name: str, identity: dict):
