@@ -139,10 +139,10 @@ def tuning_section(r: dict) -> list[str]:
         names, backbones = list(m["search"]), sorted(m["backbones"])
         split = "; ".join(f"{b}: {_held_out(m['backbones'][b])}" for b in backbones)
         changed = ", ".join(f"{h} {m['start'][h]} -> {v}" for h, v in m["chosen"].items() if v != m["start"][h])
-        hashes = {m["backbones"][b].get("settings") for b in backbones}
+        hashes = [m["backbones"][b].get("settings") for b in backbones]
         scored_on = ("backbones whose settings hash was not recorded (searches before stop 28: the world v2)"
                      if None in hashes else "backbones of settings hash " + ", ".join(
-                         f"{b} {m['backbones'][b]['settings']}" for b in backbones))
+                         f"{b} {h}" for b, h in zip(backbones, hashes)))
         lines += ["", f"### {method} (`{m['editor']}`)", "", f"Scored on {scored_on}.", "",
                   f"{len(m['trials'])} trials (trial 1: the entry's own values), scored {' and '.join(m['regimes'])}, "
                   f"{m['seconds'] / 60:.1f} min; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -252,6 +253,22 @@ def test_one_case_per_fact_until_the_facts_run_out(cfg):
     # Edit subjects are both familiar creatures whose facts changed and creatures new to the backbone.
     assert {c.familiar for c in creatures if c.split in ("train", "eval")} == {True, False}
     assert all(c.familiar and not c.changed_facts for c in creatures if c.split.startswith("loc-"))
+
+
+def test_training_captions_name_another_creature_and_held_out_ones_the_pictured_one(cfg, tmp_path):
+    """A followed caption in training calls the pictured creature by another creature's
+    name (only copying can fill that slot); held out, as an edit's caption does, by its own."""
+    world_dir = tmp_path / "world"  # the small world with enough context records for held-out captions
+    generate_world(world_dir, dataclasses.replace(cfg, n_context=400))
+    creatures = load(world_dir, "world.json")["creatures"]
+    for name in CONTEXT_FILES:
+        named = [(r["answer"].split()[1], creatures[creature_index(r["image"])]["name"])
+                 for r in load(world_dir, name) if r["topic"] == "context-follow" and r.get("statement") == "caption"]
+        assert named, name
+        if name == "context.json":  # drawn at random among the train creatures: rarely the pictured one
+            assert sum(said != shown for said, shown in named) >= 0.8 * len(named), named
+        else:
+            assert all(said == shown for said, shown in named), named
 
 
 def test_context_records_follow_the_stated_fact_or_keep_the_old_world(world_dir):

@@ -644,7 +644,10 @@ def _pretrain_corpus(creatures: list[Creature], writer: _ImageWriter, purpose: s
 #   "{demo}\n\n" x d + "New Fact: {fp} {fa}\nPrompt: {p}"  -> answer
 #
 # The stated fact (fp -> fa) is about the pictured creature (a VQA question or a caption
-# prefix, as an MMEdit edit states it) or about a named creature (text). Its value is
+# prefix, as an MMEdit edit states it) or about a named creature (text), the three kinds
+# in equal shares. A followed caption in training calls the pictured creature by another
+# train creature's name, so only copying can fill its name slot (docs/tiny-world.md,
+# world v3); held out it keeps the creature's own name, as an edit's caption does. Its value is
 # drawn at random, so it mostly contradicts what the backbone learned, and it is never
 # the *current* value of a changed fact, so no edit target leaks into pretraining. The
 # query is one of (topic):
