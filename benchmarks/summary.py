@@ -70,6 +70,9 @@ def main() -> None:
     r = results.get("landscape")
     if r:
         lines += landscape_section(r)
+    r = results.get("standing")
+    if r:
+        lines += standing_section(r)
     for stem in sorted(k for k in results if k == "per_edit" or k.startswith("per_edit-")):
         r = results[stem]
         width = "" if stem == "per_edit" else f", `--hidden {r['hidden']}`"
@@ -197,6 +200,31 @@ def landscape_section(r: dict) -> list[str]:
                          + " / ".join(f"{c['ours'][m][k]:.1f}" for k in metrics) + " | "
                          + " / ".join(f"{c['paper'][m][k]:.1f}" for k in metrics) + " |")
     return lines
+
+
+def standing_section(r: dict) -> list[str]:
+    """Every method's one-step standing per backbone, with intervals (`standing.py`)."""
+    def cell(score: list[float]) -> str:
+        return f"{score[0]:.1f} [{score[1]:.1f}, {score[2]:.1f}]"
+
+    lines = ["", "## One-step standing per backbone: UniKE among the baselines and its ablations (`standing.py`)", "",
+             "Mean over E-VQA and E-IC (each task's cell once) of reliability, generality (T- and M-) and "
+             "locality (T- and M-), token accuracy, as Table 5 weighs them; *mean* is their mean, *Rel EM* "
+             "reliability's exact match. [95% bootstrap interval: facts resampled, seeds first where there are "
+             f"several.] {r['seeds_note']} The paper has no per-backbone Table 5; its cells are in the landscape "
+             "above and the report's Tables 1 and 4. UniKE's rows are an out-of-sample result.", ""]
+    for backbone, rows in sorted(r["by_backbone"].items()):
+        lines += [f"**{backbone}**", "", "| method | mean | Rel | Gen | Loc | Rel EM |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for row in rows:
+            name = f"**{row['method']}**" if row["paper_name"] == "unike" else row["method"]
+            s = row["scores"]
+            lines.append(f"| {name} | " + " | ".join(cell(s[k]) for k in ("mean", "reliability", "generality",
+                                                                          "locality", "reliability_em")) + " |")
+        if r["partial"].get(backbone):
+            lines += ["", f"Not ranked (a one-step cell of only some tasks): {', '.join(r['partial'][backbone])}."]
+        lines.append("")
+    return lines[:-1]
 
 
 def _held_out(b: dict) -> str:
