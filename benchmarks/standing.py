@@ -67,9 +67,10 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config)
     _, method_map = paper_names(config)
-    with open_readonly(Layout(config).db) as con:
+    db = Layout(config).db
+    with open_readonly(db) as con:
         results = Results.load(con)
-    figures = standing(results, method_map)
+    figures = standing(results, method_map) | {"db": str(db.resolve())}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for backbone, rows in figures["by_backbone"].items():

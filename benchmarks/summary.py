@@ -207,7 +207,8 @@ def standing_section(r: dict) -> list[str]:
     def cell(score: list[float]) -> str:
         return f"{score[0]:.1f} [{score[1]:.1f}, {score[2]:.1f}]"
 
-    lines = ["", "## One-step standing per backbone: UniKE among the baselines and its ablations (`standing.py`)", "",
+    lines = ["", "## One-step standing per backbone: UniKE among the baselines and its ablations (`standing.py`, "
+             f"from `{r['db']}`)", "",
              "Mean over E-VQA and E-IC (each task's cell once) of reliability, generality (T- and M-) and "
              "locality (T- and M-), token accuracy, as Table 5 weighs them; *mean* is their mean, *Rel EM* "
              "reliability's exact match. [95% bootstrap interval: facts resampled, seeds first where there are "
