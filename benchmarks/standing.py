@@ -7,9 +7,10 @@ M-Loc), their mean, and reliability's exact match, each with the report's 95% bo
 interval (reports.stats: facts resampled within a seed, and seeds first where the DB holds
 several). A method is ranked on a backbone only where it has a one-step cell of every task
 that backbone was edited on, so every row averages the same cells; the others (Figure 4's
-sweeps, which run one task) are named under `partial`. The paper gives no per-backbone Table 5, so no paper column: its per-cell values
-are in the landscape (`landscape.py`) and the report's Tables 1 and 4. UniKE's rows are an
-out-of-sample result: nothing here is used to choose anything. Reads `metrics.duckdb` of
+sweeps, which run one task) are named under `partial`. The paper gives no per-backbone
+Table 5, so there is no paper column: its per-cell values are in the landscape
+(`landscape.py`) and the report's Tables 1 and 4. UniKE's rows are an out-of-sample
+result: nothing here is used to choose anything. Reads `metrics.duckdb` of
 the config's run; writes benchmarks/results/standing.json (summary.py renders it).
 
     python benchmarks/standing.py --config config.yaml
@@ -29,7 +30,8 @@ from unike.grid import ONE_STEP, TASKS, Layout
 from unike.store import open_readonly
 
 RESULTS = Path(__file__).resolve().parent / "results" / "standing.json"
-# The baselines in the paper's order, then UniKE and Table 4's ablations, then any other method.
+# Row order: the baselines in the paper's order, Table 4's ablations and UniKE, the unedited
+# backbone, then any other method by name.
 ORDER = tuple(m for m in PAPER_METHOD_ORDER if m not in ("backbone", "unike")) + tuple(ABLATION_LABELS)
 MEAN = {"mean": (SCORES["reliability"] + SCORES["generality"] + SCORES["locality"]) / 3}
 
