@@ -37,7 +37,7 @@ MEAN = {"mean": (SCORES["reliability"] + SCORES["generality"] + SCORES["locality
 
 
 def standing(results: Results, paper_method: dict[str, str]) -> dict:
-    """{backbone: [{method, paper_name, n_seeds, n_units, scores: {score: [mean, lo, hi]}}]}, one-step."""
+    """{backbone: [{method, paper_name, scores: {score: [mean, lo, hi]}}]}, one-step."""
     table: dict[str, list[dict]] = {}
     partial: dict[str, list[str]] = {}
     for backbone in results.backbones():
@@ -55,9 +55,7 @@ def standing(results: Results, paper_method: dict[str, str]) -> dict:
             for name, w in {**SCORES, **MEAN, **EM_SCORES}.items():
                 e = estimate(samples, w)
                 scores[name] = [round(e.mean, 2), round(e.lo, 2), round(e.hi, 2)]
-            rows.append({"method": method, "paper_name": paper_method.get(method, method),
-                         "n_seeds": max(s.n_seeds for s in samples), "n_units": sum(s.n_units for s in samples),
-                         "scores": scores})
+            rows.append({"method": method, "paper_name": paper_method.get(method, method), "scores": scores})
         table[backbone] = rows
     return {"regime": ONE_STEP.name, "seeds_note": seeds_note(results.cells.values()), "by_backbone": table,
             "partial": partial}
