@@ -1,5 +1,5 @@
-"""Wall time, peak memory and where the time goes, for a whole DAG run (default or smoke),
-from scratch.
+"""Wall time, peak memory and where the time goes, for a whole DAG run (default, default
+with the tiny backbones pretrained too, or smoke), from an empty folder.
 
 Runs `snakemake --cores 2` in a fresh temporary directory and samples the resident memory
 of the whole process tree (snakemake and every job it starts) twice a second. Snakemake's
@@ -8,6 +8,7 @@ finish: from it, each rule's jobs and job-minutes, the budget's breakdown. Write
 benchmarks/results/pipeline-<name>.json.
 
     python benchmarks/pipeline.py default
+    python benchmarks/pipeline.py default-scratch   # use_released_backbones off: pretraining included
     python benchmarks/pipeline.py smoke
     python benchmarks/pipeline.py default --keep .   # run in (and keep) this folder instead
 """
@@ -31,7 +32,10 @@ import psutil
 from unike.backbones import cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = {"default": [], "smoke": ["--configfile", str(REPO / "configs" / "smoke.yaml")]}
+# default: the tiny backbones installed from released/ where their key matches (as the README's
+# command runs it); default-scratch: pretrained here as well (use_released_backbones off).
+CONFIGS = {"default": [], "default-scratch": ["--config", "use_released_backbones=false"],
+           "smoke": ["--configfile", str(REPO / "configs" / "smoke.yaml")]}
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -112,14 +116,15 @@ def main() -> None:
             report = json.loads(training.read_text(encoding="utf-8"))
             backbones[training.parent.name] = {**{k: report["heldout"][k] for k in ("token_acc", "exact_match", "by_topic")},
                                                "image_feature_spread": report["image_feature_spread"],
-                                               "train_s": report["train_s"], "context": report.get("context")}
+                                               "train_s": report["train_s"], "context": report.get("context"),
+                                               "released": report.get("released")}
     figures = {"config": args.name, "cores": args.cores, "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20),
                "machine": f"{cpu_name()}, {psutil.cpu_count()} cpus, {round(psutil.virtual_memory().total / 2**30)} GiB",
                "date": time.strftime("%Y-%m-%d"), "job_minutes": minutes}
     out = Path(__file__).resolve().parent / "results" / f"pipeline-{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
-    if args.name == "default":
+    if args.name.startswith("default"):
         (out.parent / "tiny-backbones.json").write_text(json.dumps(backbones, indent=2, sort_keys=True) + "\n")
     print(json.dumps(figures))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from unike.data import DataError
 from unike.config import (ConfigError, cell_config_hash, figure4_points, load_config, method_entry, methods_for,
-                          paper_names, seed_config, seeds)
+                          paper_names, seed_config, seeds, use_released_backbones)
 from unike.grid import CROSS_TASK, REGIMES, RUN_TASKS, SPLIT_FILES, Cell, Layout, case_tasks, regime, regimes_for_task
 
 log = logging.getLogger("unike")
@@ -63,34 +63,37 @@ def _torch_setup(config: dict):
     return torch
 
 
-def _world_config(config: dict):
-    from unike.world import WorldConfig
-
-    return WorldConfig.from_dict({"seed": config["seed"], **config.get("world", {})})
-
-
 def cmd_make_world(args) -> None:
     config, layout = _setup(args)
-    from unike.world import generate_world
+    from unike.world import WorldConfig, generate_world
 
-    summary = generate_world(layout.world, _world_config(config))
+    summary = generate_world(layout.world, WorldConfig.of(config))
     log.info("tiny world written to %s: %s", layout.world, summary)
 
 
 def cmd_pretrain_backbone(args) -> None:
     config, layout = _setup(args)
     _torch_setup(config)
-    from unike.tiny import PretrainConfig, TinyArch, pretrain
-    from unike.world import vocabulary
+    from unike.releases import find_release, install_release, pretraining_spec, release_key
+    from unike.tiny import pretrain
 
-    entry = config["backbones"][args.backbone]
-    if entry["source"] != "tiny":
+    if config["backbones"][args.backbone]["source"] != "tiny":
         raise SystemExit(f"{args.backbone} is not a tiny backbone: nothing to pretrain")
     out = layout.backbone_dir(args.backbone)
     out.mkdir(parents=True, exist_ok=True)
-    report = pretrain(layout.world, out, TinyArch(**entry.get("arch", {})),
-                      PretrainConfig(**{"seed": config["seed"], **entry.get("pretrain", {})}),
-                      entry["prompt_style"], vocabulary(_world_config(config)), threads=config["threads"])
+    arch, train, prompt_style, words = pretraining_spec(config, args.backbone)
+    key, _ = release_key(layout.world, arch, train, prompt_style, words)
+    release = find_release(key) if use_released_backbones(config) else None
+    if release is not None:
+        meta = install_release(release, out)
+        log.info("%s: installed the released backbone %s (pretrained on %s, released at %s; docs/tiny-world.md, "
+                 "\"Released backbones\")", args.backbone, release, meta["made_on"], meta["commit"][:12])
+        return
+    log.info("%s: pretraining (release key %s: %s)", args.backbone, key,
+             "no release of it in released/" if use_released_backbones(config) else "use_released_backbones off")
+    report = pretrain(layout.world, out, arch, train, prompt_style, words, threads=config["threads"])
+    report["release_key"] = key  # scripts/release_backbones.py checks it
+    (out / "training.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     log.info("%s: held-out answer-token accuracy %.3f", args.backbone, report["heldout"]["token_acc"])
 
 

@@ -233,10 +233,16 @@ def world_settings(config: dict) -> dict:
     return {"seed": config["seed"], "world": config.get("world")}
 
 
+def use_released_backbones(config: dict) -> bool:
+    """Whether pretrain_backbone installs a released backbone of the same key (unike.releases)."""
+    return config.get("use_released_backbones", True)
+
+
 def pretrain_settings(config: dict, backbone: str) -> dict:
-    """A tiny backbone's pretraining (pretrain_backbone): the world and its entry."""
+    """A tiny backbone's pretraining (pretrain_backbone): the world, its entry, and whether a
+    release may stand in for pretraining it here."""
     entry = {k: v for k, v in config["backbones"][backbone].items() if k != "resources"}  # job sizes only
-    return {**world_settings(config), "backbone": entry}
+    return {**world_settings(config), "backbone": entry, "use_released_backbones": use_released_backbones(config)}
 
 
 def model_settings(config: dict, backbone: str) -> dict:

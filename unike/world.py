@@ -238,6 +238,11 @@ class WorldConfig:
                              f"known keys: {', '.join(sorted(known))}")
         return cls(**d)
 
+    @classmethod
+    def of(cls, config: dict) -> "WorldConfig":
+        """The world of a pipeline config: its `world:` entry, seeded by its `seed`."""
+        return cls.from_dict({"seed": config["seed"], **config.get("world", {})})
+
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 

@@ -1,4 +1,5 @@
-# Tiny backbones are pretrained on the old world; their real mistakes become the edit cases.
+# Tiny backbones are pretrained on the old world, or installed from released/ where a release has
+# their exact key (unike/releases.py); their real mistakes become the edit cases.
 # Real backbones come prepared from local paths (config backbones.<name>.path).
 
 

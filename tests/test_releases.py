@@ -1,0 +1,142 @@
+"""Released tiny backbones (unike/releases.py): the key hashes everything that decides a
+pretraining and nothing else; pretrain_backbone installs a matching release byte for byte
+and pretrains otherwise; the default config's backbones have a release this machine's
+world matches."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from unike import releases
+from unike.cli import main
+from unike.config import load_config
+from unike.grid import Layout
+from unike.releases import find_release, make_release, pretraining_spec, release_key, world_digest
+from unike.tiny import PretrainConfig, TinyArch
+from unike.world import WorldConfig, generate_world, vocabulary
+
+from conftest import REPO, SMALL_WORLD
+
+ARCH = dict(hidden=32, ffn=64, layers=2, heads=2, vision_hidden=32, vision_layers=1, qformer_layers=1,
+            num_query_tokens=4)
+
+
+def test_the_key_changes_with_each_input_and_not_with_the_png_encoding(tmp_path, world_dir, world_config):
+    world = tmp_path / "world"
+    shutil.copytree(world_dir, world)
+    arch, train, words = TinyArch(text_model="opt", **ARCH), PretrainConfig(steps=2), vocabulary(world_config)
+    key, inputs = release_key(world, arch, train, "blip2", words)
+    assert release_key(world, arch, train, "blip2", words)[0] == key
+    assert set(inputs) == {"arch", "pretrain", "prompt_style", "vocabulary", "world", "recipe"}
+    others = [release_key(world, replace(arch, hidden=64), train, "blip2", words),
+              release_key(world, arch, replace(train, seed=1), "blip2", words),
+              release_key(world, arch, replace(train, context_steps=5), "blip2", words),
+              release_key(world, arch, train, "minigpt4", words),
+              release_key(world, arch, train, "blip2", words + ["zebra"])]
+    assert len({key} | {k for k, _ in others}) == 6
+    image = next(world.rglob("*.png"))
+    with Image.open(image) as im:
+        pixels = im.copy()
+    pixels.save(image, compress_level=0)  # other bytes, the same pixels: the same world
+    assert world_digest(world) == inputs["world"]
+    pixels.putpixel((0, 0), tuple(255 - v for v in pixels.getpixel((0, 0))))
+    pixels.save(image)
+    assert world_digest(world) != inputs["world"]
+    (world / "pretrain.json").write_text((world / "pretrain.json").read_text(encoding="utf-8") + " ", encoding="utf-8")
+    assert len({inputs["world"], world_digest(world)}) == 2
+
+
+def _run_config(tmp_path: Path, world_dir: Path, name: str, **overrides) -> Path:
+    """config.yaml with the test world and a tiny-blip2-opt of two pretraining steps, its
+    out_dir under tmp_path (the world copied in)."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
+    config.update(out_dir=str(tmp_path / name), seed=SMALL_WORLD["seed"],
+                  world={k: v for k, v in SMALL_WORLD.items() if k != "seed"}, **overrides)
+    config["backbones"]["tiny-blip2-opt"].update(arch={"text_model": "opt", **ARCH},
+                                                 pretrain={"steps": 2, "batch_size": 4, "warmup": 1})
+    shutil.copytree(world_dir, tmp_path / name / "world")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def _pretrain(config: Path) -> Path:
+    main(["pretrain-backbone", "--config", str(config), "--backbone", "tiny-blip2-opt"])
+    return Layout(load_config(config)).backbone_dir("tiny-blip2-opt")
+
+
+def test_pretrain_backbone_installs_a_matching_release_and_pretrains_otherwise(tmp_path, world_dir, monkeypatch,
+                                                                              caplog):
+    monkeypatch.setattr(releases, "RELEASES", tmp_path / "released")
+    caplog.set_level(logging.INFO, logger="unike")
+    made = _pretrain(_run_config(tmp_path, world_dir, "first"))
+    key = json.loads((made / "training.json").read_text(encoding="utf-8"))["release_key"]
+    assert "no release of it in released/" in caplog.text and find_release(key) is None
+
+    config = load_config(_run_config(tmp_path, world_dir, "second"))
+    assert release_key(Layout(config).world, *pretraining_spec(config, "tiny-blip2-opt"))[0] == key
+    folder = make_release(made, "tiny-blip2-opt", key, {"test": True}, "0" * 40)
+    assert find_release(key) == folder
+    caplog.clear()
+    installed = _pretrain(tmp_path / "second.yaml")
+    assert "installed the released backbone" in caplog.text and "pretraining" not in caplog.text
+    weights = sorted(p.name for p in made.iterdir() if p.name != "training.json")
+    assert sorted(p.name for p in installed.iterdir() if p.name != "training.json") == weights
+    assert all((installed / n).read_bytes() == (made / n).read_bytes() for n in weights)
+    record = json.loads((installed / "training.json").read_text(encoding="utf-8"))
+    assert record["released"]["key"] == key and record["heldout"] == json.loads(
+        (made / "training.json").read_text(encoding="utf-8"))["heldout"]
+    with pytest.raises(ValueError, match="holds an installed release"):
+        make_release(installed, "tiny-blip2-opt", key, {}, "0" * 40)
+
+    caplog.clear()  # switched off, or another schedule: pretrained here
+    _pretrain(_run_config(tmp_path, world_dir, "off", use_released_backbones=False))
+    assert "use_released_backbones off" in caplog.text and "installed" not in caplog.text
+    other = _run_config(tmp_path, world_dir, "other")
+    data = yaml.safe_load(other.read_text(encoding="utf-8"))
+    data["backbones"]["tiny-blip2-opt"]["pretrain"]["steps"] = 3
+    other.write_text(yaml.safe_dump(data), encoding="utf-8")
+    caplog.clear()
+    assert json.loads((_pretrain(other) / "training.json").read_text(encoding="utf-8"))["release_key"] != key
+    assert "no release of it in released/" in caplog.text
+
+
+def test_a_release_replaces_the_earlier_one_of_its_backbone(tmp_path, monkeypatch):
+    monkeypatch.setattr(releases, "RELEASES", tmp_path / "released")
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / "training.json").write_text(json.dumps({"device": "cpu test x1 threads", "release_key": "b" * 16}))
+    (made / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ValueError, match="was pretrained under key b{16}"):
+        make_release(made, "tiny-blip2-opt", "a" * 16, {}, "0" * 40)
+    first = make_release(made, "tiny-blip2-opt", "b" * 16, {}, "0" * 40)
+    (made / "training.json").write_text(json.dumps({"device": "cpu test x1 threads", "release_key": "c" * 16}))
+    second = make_release(made, "tiny-blip2-opt", "c" * 16, {}, "1" * 40)
+    assert not first.exists() and find_release("c" * 16) == second
+    assert json.loads((second / "release.json").read_text(encoding="utf-8"))["commit"] == "1" * 40
+
+
+def test_the_default_config_installs_released_backbones_on_this_machine(tmp_path):
+    """The default run pretrains nothing here: config.yaml's world, regenerated on this
+    machine, and its tiny backbones' settings and recipe (unike/tiny.py) have a release.
+    Fails after a change to any of them: pretrain and release again
+    (scripts/release_backbones.py, docs/tiny-world.md "Released backbones")."""
+    config = load_config(REPO / "config.yaml")
+    generate_world(tmp_path / "world", WorldConfig.of(config))
+    for name, entry in config["backbones"].items():
+        if entry["source"] == "tiny":
+            key, inputs = release_key(tmp_path / "world", *pretraining_spec(config, name))
+            stale = sorted(p.parent.name for p in releases.RELEASES.glob("*/release.json")
+                           if json.loads(p.read_text(encoding="utf-8"))["backbone"] == name)
+            assert find_release(key) is not None, (
+                f"{name}: no release of key {key} (released: {stale}); what differs: "
+                + ", ".join(k for k, v in inputs.items() if stale and v != json.loads(
+                    (releases.RELEASES / stale[0] / "release.json").read_text(encoding="utf-8"))["inputs"][k]))
