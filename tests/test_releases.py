@@ -83,7 +83,7 @@ def test_pretrain_backbone_installs_a_matching_release_and_pretrains_otherwise(t
 
     config = load_config(_run_config(tmp_path, world_dir, "second"))
     assert release_key(Layout(config).world, *pretraining_spec(config, "tiny-blip2-opt"))[0] == key
-    folder = make_release(made, "tiny-blip2-opt", key, {"test": True}, "0" * 40)
+    folder = make_release(made, "tiny-blip2-opt", key, {"pretrain": {"seed": 1}}, "0" * 40)
     assert find_release(key) == folder
     caplog.clear()
     installed = _pretrain(tmp_path / "second.yaml")
@@ -95,7 +95,7 @@ def test_pretrain_backbone_installs_a_matching_release_and_pretrains_otherwise(t
     assert record["released"]["key"] == key and record["heldout"] == json.loads(
         (made / "training.json").read_text(encoding="utf-8"))["heldout"]
     with pytest.raises(ValueError, match="holds an installed release"):
-        make_release(installed, "tiny-blip2-opt", key, {}, "0" * 40)
+        make_release(installed, "tiny-blip2-opt", key, {"pretrain": {"seed": 1}}, "0" * 40)
 
     caplog.clear()  # switched off, or another schedule: pretrained here
     _pretrain(_run_config(tmp_path, world_dir, "off", use_released_backbones=False))
@@ -109,19 +109,21 @@ def test_pretrain_backbone_installs_a_matching_release_and_pretrains_otherwise(t
     assert "no release of it in released/" in caplog.text
 
 
-def test_a_release_replaces_the_earlier_one_of_its_backbone(tmp_path, monkeypatch):
+def test_a_release_replaces_the_earlier_one_of_its_backbone_and_seed(tmp_path, monkeypatch):
     monkeypatch.setattr(releases, "RELEASES", tmp_path / "released")
     made = tmp_path / "made"
     made.mkdir()
-    (made / "training.json").write_text(json.dumps({"device": "cpu test x1 threads", "release_key": "b" * 16}))
     (made / "model.safetensors").write_bytes(b"weights")
+
+    def release(key: str, seed: int, recorded: str | None = None) -> Path:
+        (made / "training.json").write_text(json.dumps({"device": "cpu test x1 threads", "release_key": recorded or key}))
+        return make_release(made, "tiny-blip2-opt", key, {"pretrain": {"seed": seed}}, "0" * 40)
+
     with pytest.raises(ValueError, match="was pretrained under key b{16}"):
-        make_release(made, "tiny-blip2-opt", "a" * 16, {}, "0" * 40)
-    first = make_release(made, "tiny-blip2-opt", "b" * 16, {}, "0" * 40)
-    (made / "training.json").write_text(json.dumps({"device": "cpu test x1 threads", "release_key": "c" * 16}))
-    second = make_release(made, "tiny-blip2-opt", "c" * 16, {}, "1" * 40)
-    assert not first.exists() and find_release("c" * 16) == second
-    assert json.loads((second / "release.json").read_text(encoding="utf-8"))["commit"] == "1" * 40
+        release("a" * 16, 0, recorded="b" * 16)
+    first, other_seed = release("b" * 16, 0), release("d" * 16, 1)
+    second = release("c" * 16, 0)
+    assert not first.exists() and find_release("c" * 16) == second and find_release("d" * 16) == other_seed
 
 
 def test_the_default_config_installs_released_backbones_on_this_machine(tmp_path):
@@ -131,12 +133,12 @@ def test_the_default_config_installs_released_backbones_on_this_machine(tmp_path
     (scripts/release_backbones.py, docs/tiny-world.md "Released backbones")."""
     config = load_config(REPO / "config.yaml")
     generate_world(tmp_path / "world", WorldConfig.of(config))
+    released = [json.loads(p.read_text(encoding="utf-8")) for p in releases.RELEASES.glob("*/release.json")]
     for name, entry in config["backbones"].items():
         if entry["source"] == "tiny":
             key, inputs = release_key(tmp_path / "world", *pretraining_spec(config, name))
-            stale = sorted(p.parent.name for p in releases.RELEASES.glob("*/release.json")
-                           if json.loads(p.read_text(encoding="utf-8"))["backbone"] == name)
+            same = [r for r in released if (r["backbone"], r["inputs"]["pretrain"]["seed"]) == (name, config["seed"])]
+            differs = [k for k, v in inputs.items() if same and v != same[0]["inputs"][k]]
             assert find_release(key) is not None, (
-                f"{name}: no release of key {key} (released: {stale}); what differs: "
-                + ", ".join(k for k, v in inputs.items() if stale and v != json.loads(
-                    (releases.RELEASES / stale[0] / "release.json").read_text(encoding="utf-8"))["inputs"][k]))
+                f"{name}: no release of key {key} (released for seed {config['seed']}: "
+                f"{[r['key'] for r in same]}; what differs: {differs})")

@@ -97,9 +97,9 @@ def install_release(release: Path, out_dir: Path) -> dict:
 
 
 def make_release(backbone_dir: Path, backbone: str, key: str, inputs: dict, commit: str) -> Path:
-    """Release a pretrained backbone directory under its key; earlier releases of the same
-    backbone name are removed (git keeps them). The directory must be what `pretrain`
-    wrote, not an installed release."""
+    """Release a pretrained backbone directory under its key; an earlier release of the same
+    backbone name and seed is removed (git keeps it; other seeds' releases stay, for the
+    seeds overlay). The directory must be what `pretrain` wrote, not an installed release."""
     training = json.loads((backbone_dir / TRAINING).read_text(encoding="utf-8"))
     if "released" in training:
         raise ValueError(f"{backbone_dir} holds an installed release ({training['released']['key']}), "
@@ -108,8 +108,10 @@ def make_release(backbone_dir: Path, backbone: str, key: str, inputs: dict, comm
     if recorded is not None and recorded != key:
         raise ValueError(f"{backbone_dir} was pretrained under key {recorded}, but its world and settings give "
                          f"{key} now: release it from a run of this code")
+    seed = inputs["pretrain"]["seed"]
     for old in RELEASES.glob(f"*/{RELEASE_META}"):
-        if json.loads(old.read_text(encoding="utf-8"))["backbone"] == backbone and old.parent.name != key:
+        earlier = json.loads(old.read_text(encoding="utf-8"))
+        if (earlier["backbone"], earlier["inputs"]["pretrain"]["seed"]) == (backbone, seed) and old.parent.name != key:
             shutil.rmtree(old.parent)
     folder = RELEASES / key
     if folder.exists():
