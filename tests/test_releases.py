@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -73,8 +74,19 @@ def _pretrain(config: Path) -> Path:
     return Layout(load_config(config)).backbone_dir("tiny-blip2-opt")
 
 
+@pytest.fixture
+def torch_state():
+    """The step sets torch's threads and deterministic mode for its process; put them back
+    for the tests after this one."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
 def test_pretrain_backbone_installs_a_matching_release_and_pretrains_otherwise(tmp_path, world_dir, monkeypatch,
-                                                                              caplog):
+                                                                              caplog, torch_state):
     monkeypatch.setattr(releases, "RELEASES", tmp_path / "released")
     caplog.set_level(logging.INFO, logger="unike")
     made = _pretrain(_run_config(tmp_path, world_dir, "first"))

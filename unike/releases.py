@@ -89,7 +89,7 @@ def install_release(release: Path, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in release.iterdir():
         if path.name not in (RELEASE_META, TRAINING):
-            shutil.copy2(path, out_dir / path.name)
+            shutil.copy(path, out_dir / path.name)  # written now: newer than the world it was checked against
     training = json.loads((release / TRAINING).read_text(encoding="utf-8"))
     training["released"] = {k: meta[k] for k in ("key", "backbone", "made_on", "commit")}
     (out_dir / TRAINING).write_text(json.dumps(training, indent=2, sort_keys=True) + "\n")
