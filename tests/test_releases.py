@@ -1,7 +1,7 @@
 """Released tiny backbones (unike/releases.py): the key hashes everything that decides a
 pretraining and nothing else; pretrain_backbone installs a matching release byte for byte
-and pretrains otherwise; the default config's backbones have a release this machine's
-world matches."""
+and pretrains otherwise; the default config's and the seeds overlay's backbones have a
+release this machine's worlds match."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from PIL import Image
 
 from unike import releases
 from unike.cli import main
-from unike.config import load_config
+from unike.config import load_config, merge_overlays, seed_config, seeds
 from unike.grid import Layout
 from unike.releases import find_release, make_release, pretraining_spec, release_key, world_digest
 from unike.tiny import PretrainConfig, TinyArch
@@ -138,19 +138,24 @@ def test_a_release_replaces_the_earlier_one_of_its_backbone_and_seed(tmp_path, m
     assert not first.exists() and find_release("c" * 16) == second and find_release("d" * 16) == other_seed
 
 
-def test_the_default_config_installs_released_backbones_on_this_machine(tmp_path):
-    """The default run pretrains nothing here: config.yaml's world, regenerated on this
-    machine, and its tiny backbones' settings and recipe (unike/tiny.py) have a release.
-    Fails after a change to any of them: pretrain and release again
-    (scripts/release_backbones.py, docs/tiny-world.md "Released backbones")."""
-    config = load_config(REPO / "config.yaml")
-    generate_world(tmp_path / "world", WorldConfig.of(config))
+def test_the_default_config_and_the_seeds_overlay_install_released_backbones_on_this_machine(tmp_path):
+    """The default run and the seeds overlay (configs/seeds.yaml) pretrain nothing here:
+    each seed's world, regenerated on this machine, with config.yaml's tiny backbones'
+    settings and recipe (unike/tiny.py), has a release. Fails after a change to any of
+    them: pretrain and release again (scripts/release_backbones.py, docs/tiny-world.md
+    "Released backbones")."""
+    config = load_config(merge_overlays(*(yaml.safe_load(path.read_text(encoding="utf-8"))
+                                          for path in (REPO / "config.yaml", REPO / "configs" / "seeds.yaml"))))
     released = [json.loads(p.read_text(encoding="utf-8")) for p in releases.RELEASES.glob("*/release.json")]
-    for name, entry in config["backbones"].items():
-        if entry["source"] == "tiny":
-            key, inputs = release_key(tmp_path / "world", *pretraining_spec(config, name))
-            same = [r for r in released if (r["backbone"], r["inputs"]["pretrain"]["seed"]) == (name, config["seed"])]
-            differs = [k for k, v in inputs.items() if same and v != same[0]["inputs"][k]]
-            assert find_release(key) is not None, (
-                f"{name}: no release of key {key} (released for seed {config['seed']}: "
-                f"{[r['key'] for r in same]}; what differs: {differs})")
+    for seed in seeds(config):
+        chain = seed_config(config, seed)
+        world = tmp_path / f"world{seed}"
+        generate_world(world, WorldConfig.of(chain))
+        for name, entry in chain["backbones"].items():
+            if entry["source"] == "tiny":
+                key, inputs = release_key(world, *pretraining_spec(chain, name))
+                same = [r for r in released if (r["backbone"], r["inputs"]["pretrain"]["seed"]) == (name, seed)]
+                differs = [k for k, v in inputs.items() if same and v != same[0]["inputs"][k]]
+                assert find_release(key) is not None, (
+                    f"{name}, seed {seed}: no release of key {key} (released for that seed: "
+                    f"{[r['key'] for r in same]}; what differs: {differs})")
