@@ -16,6 +16,7 @@ from pathlib import Path
 from training_cost import table as training_cost_table  # this script's folder is on sys.path
 
 HERE = Path(__file__).resolve().parent
+RELEASES = HERE.parent / "released"
 TARGETS = {"default": "35 min or less", "default-scratch": "none: pretraining included, for reference",
            "smoke": "5 min or less"}
 
@@ -75,6 +76,7 @@ def main() -> None:
             keeps = f"{rate('keep_other')} / {rate('keep_otherfact')}" if held else "-"
             lines.append(f"| {name} | {100 * r['token_acc']:.1f}% | {100 * r['exact_match']:.1f}%{before} "
                          f"| {100 * sum(text) / len(text):.1f}% | {follows} | {keeps} | {spread} | {r['train_s']:.0f} s |")
+    lines += releases_section()
     r = results.get("landscape")
     if r:
         lines += landscape_section(r)
@@ -187,6 +189,33 @@ def trial_table(trials: list[dict], names: list[str], backbones: list[str], chos
         cells += [f"{bold}{100 * t['mean']:.1f}{bold}", f"{t['seconds']:.0f}"]
         lines.append(f"| {i} | " + " | ".join(cells) + " |")
     return lines
+
+
+def releases_section() -> list[str]:
+    """Every release in released/ (unike/releases.py), from its own training.json: what the
+    default run (seed 0) and the seeds overlay (seeds 1, 2) install."""
+    rows = []
+    for meta_path in sorted(RELEASES.glob("*/release.json")):
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        training = json.loads((meta_path.parent / "training.json").read_text(encoding="utf-8"))
+        held, context = training["heldout"], training["context"]
+        follow = context["heldout"]
+        kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in context["follow_by_statement"].items())
+        rows.append((meta["backbone"], meta["inputs"]["pretrain"]["seed"],
+                     f"| {meta['backbone']} | {meta['inputs']['pretrain']['seed']} | `{meta['key']}` "
+                     f"| {100 * held['exact_match']:.1f}% ({100 * context['plain_before']['exact_match']:.1f}%) "
+                     f"| {100 * follow['follow']:.1f}%; {kinds} | {100 * follow['keep_other']:.1f}% / "
+                     f"{100 * follow['keep_otherfact']:.1f}% | {training['train_s']:.0f} s, {meta['made_on']} |"))
+    if not rows:
+        return []
+    return ["", "## Released tiny backbones (`released/`)", "",
+            "What `pretrain_backbone` installs (docs/tiny-world.md, \"Released backbones\"): seed 0 for the default "
+            "run, seeds 1 and 2 for the seeds overlay (`configs/seeds.yaml`). Figures from each release's own "
+            "`training.json`, measured as in the table above; pretraining: the wall seconds of the run that made it "
+            "(seeds 1 and 2 shared the machine with a test run).", "",
+            "| backbone | seed | key | held-out exact match (before the context phase) | follows | "
+            "keeps: another creature / another fact | pretraining |", "| --- | --- | --- | --- | --- | --- | --- |",
+            *(row for *_, row in sorted(rows))]
 
 
 def landscape_section(r: dict) -> list[str]:

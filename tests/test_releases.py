@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -159,3 +160,24 @@ def test_the_default_config_and_the_seeds_overlay_install_released_backbones_on_
                 assert find_release(key) is not None, (
                     f"{name}, seed {seed}: no release of key {key} (released for that seed: "
                     f"{[r['key'] for r in same]}; what differs: {differs})")
+
+
+def test_the_results_table_lists_each_release_from_its_own_training_record(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark scripts import each other by name
+    import summary
+
+    folder = tmp_path / "released" / ("e" * 16)
+    folder.mkdir(parents=True)
+    (folder / "release.json").write_text(json.dumps({"key": "e" * 16, "backbone": "tiny-minigpt4",
+                                                     "made_on": "cpu test x1 threads",
+                                                     "inputs": {"pretrain": {"seed": 2}}}))
+    (folder / "training.json").write_text(json.dumps({
+        "heldout": {"exact_match": 0.5}, "train_s": 12.4,
+        "context": {"plain_before": {"exact_match": 0.25}, "follow_by_statement": {"caption": 0.125, "text": 1.0},
+                    "heldout": {"follow": 0.75, "keep_other": 0.875, "keep_otherfact": 0.625}}}))
+    monkeypatch.setattr(summary, "RELEASES", tmp_path / "released")
+    assert summary.releases_section()[-1] == (
+        f"| tiny-minigpt4 | 2 | `{'e' * 16}` | 50.0% (25.0%) | 75.0%; caption 12%, text 100% | 87.5% / 62.5% "
+        "| 12 s, cpu test x1 threads |")
+    monkeypatch.setattr(summary, "RELEASES", tmp_path / "none")
+    assert summary.releases_section() == []
