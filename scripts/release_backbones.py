@@ -1,7 +1,8 @@
 """Release the tiny backbones of a finished run: copy each one's directory into
 released/<key>/ (unike/releases.py), where pretrain_backbone installs it from, and drop the
-earlier release of the same backbone. Run it from the run's folder, on the run's effective
-config, with the code the run was made with; commit released/ afterwards.
+earlier release of the same backbone and seed. Run it from the run's folder, on the run's
+effective config (a seed's chain has its own: results/seed1/config.effective.yaml), with the
+code the run was made with; commit released/ afterwards.
 
     python scripts/release_backbones.py results/config.effective.yaml
     python scripts/release_backbones.py results/config.effective.yaml --backbone tiny-minigpt4

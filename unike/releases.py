@@ -5,8 +5,9 @@ Real backbones are released checkpoints: everyone who edits BLIP-2 OPT edits the
 weights, and no benchmark pretrains them. The tiny backbones mirror that. Pretraining one
 of the default's takes 24-27 minutes on two cores, and the same seed gives other weights
 on another CPU model (float sums differ and pretraining amplifies them: docs/tiny-world.md,
-"Machines"), so without a release every machine would edit its own draw. A release is the
-default run's own pretraining output, kept with the key of everything that decided it:
+"Machines"), so without a release every machine would edit its own draw. A release is a
+run's own pretraining output (the default run's for seed 0, the seeds overlay's for seeds
+1 and 2), kept with the key of everything that decided it:
 
 - the world it was trained on: every JSON file's bytes and every image's pixels (decoded,
   so that another PNG encoder's bytes do not count as another world);
