@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 
 from training_cost import table as training_cost_table  # this script's folder is on sys.path
+from unike import releases
 
 HERE = Path(__file__).resolve().parent
-RELEASES = HERE.parent / "released"
 TARGETS = {"default": "35 min or less", "default-scratch": "none: pretraining included, for reference",
            "smoke": "5 min or less"}
 
@@ -195,7 +195,7 @@ def releases_section() -> list[str]:
     """Every release in released/ (unike/releases.py), from its own training.json: what the
     default run (seed 0) and the seeds overlay (seeds 1, 2) install."""
     rows = []
-    for meta_path in sorted(RELEASES.glob("*/release.json")):
+    for meta_path in sorted(releases.RELEASES.glob("*/release.json")):
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         training = json.loads((meta_path.parent / "training.json").read_text(encoding="utf-8"))
         held, context = training["heldout"], training["context"]

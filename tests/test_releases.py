@@ -175,9 +175,9 @@ def test_the_results_table_lists_each_release_from_its_own_training_record(tmp_p
         "heldout": {"exact_match": 0.5}, "train_s": 12.4,
         "context": {"plain_before": {"exact_match": 0.25}, "follow_by_statement": {"caption": 0.125, "text": 1.0},
                     "heldout": {"follow": 0.75, "keep_other": 0.875, "keep_otherfact": 0.625}}}))
-    monkeypatch.setattr(summary, "RELEASES", tmp_path / "released")
+    monkeypatch.setattr(releases, "RELEASES", tmp_path / "released")
     assert summary.releases_section()[-1] == (
         f"| tiny-minigpt4 | 2 | `{'e' * 16}` | 50.0% (25.0%) | 75.0%; caption 12%, text 100% | 87.5% / 62.5% "
         "| 12 s, cpu test x1 threads |")
-    monkeypatch.setattr(summary, "RELEASES", tmp_path / "none")
+    monkeypatch.setattr(releases, "RELEASES", tmp_path / "none")
     assert summary.releases_section() == []

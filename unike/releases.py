@@ -27,12 +27,15 @@ import hashlib
 import json
 import shutil
 from dataclasses import asdict
+from importlib.util import find_spec
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from unike import tiny
+if TYPE_CHECKING:
+    from unike.tiny import PretrainConfig, TinyArch
 
 RELEASES = Path(__file__).resolve().parent.parent / "released"
 RELEASE_META = "release.json"
@@ -57,24 +60,24 @@ def world_digest(world_dir: Path) -> str:
     return h.hexdigest()
 
 
-def pretraining_spec(config: dict, backbone: str) -> tuple[tiny.TinyArch, tiny.PretrainConfig, str, list[str]]:
+def pretraining_spec(config: dict, backbone: str) -> tuple[TinyArch, PretrainConfig, str, list[str]]:
     """What `tiny.pretrain` gets for a tiny backbone of the config: its architecture, its
     schedule (the config's seed), its prompt style and the world's vocabulary."""
+    from unike.tiny import PretrainConfig, TinyArch
     from unike.world import WorldConfig, vocabulary
 
     entry = config["backbones"][backbone]
-    world = WorldConfig.of(config)
-    return (tiny.TinyArch(**entry.get("arch", {})),
-            tiny.PretrainConfig(**{"seed": config["seed"], **entry.get("pretrain", {})}),
-            entry["prompt_style"], vocabulary(world))
+    return (TinyArch(**entry.get("arch", {})), PretrainConfig(**{"seed": config["seed"], **entry.get("pretrain", {})}),
+            entry["prompt_style"], vocabulary(WorldConfig.of(config)))
 
 
-def release_key(world_dir: Path, arch: tiny.TinyArch, train: tiny.PretrainConfig, prompt_style: str,
+def release_key(world_dir: Path, arch: TinyArch, train: PretrainConfig, prompt_style: str,
                 vocabulary: list[str]) -> tuple[str, dict]:
-    """The key of a tiny backbone's pretraining (16 hex digits) and what it hashes."""
+    """The key of a tiny backbone's pretraining (16 hex digits) and what it hashes. The
+    recipe is read from unike/tiny.py's file, without importing torch for it."""
     inputs = {"arch": asdict(arch), "pretrain": asdict(train), "prompt_style": prompt_style,
               "vocabulary": _sha(json.dumps(vocabulary).encode()), "world": world_digest(world_dir),
-              "recipe": _sha(Path(tiny.__file__).read_bytes())}
+              "recipe": _sha(Path(find_spec("unike.tiny").origin).read_bytes())}
     return _sha(json.dumps(inputs, sort_keys=True).encode())[:16], inputs
 
 
