@@ -71,7 +71,7 @@ def main() -> None:
 
             def rate(key):
                 return f"{100 * held[key]:.1f}% (n={n[key]})" if key in n else f"{100 * held[key]:.1f}%"
-            kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in context.get("follow_by_statement", {}).items())
+            kinds = statement_kinds(context)
             follows = (rate("follow") + (f"; {kinds}" if kinds else "")) if held else "-"
             keeps = f"{rate('keep_other')} / {rate('keep_otherfact')}" if held else "-"
             lines.append(f"| {name} | {100 * r['token_acc']:.1f}% | {100 * r['exact_match']:.1f}%{before} "
@@ -191,6 +191,11 @@ def trial_table(trials: list[dict], names: list[str], backbones: list[str], chos
     return lines
 
 
+def statement_kinds(context: dict) -> str:
+    """Following per kind of stated fact, as a training.json's context phase recorded it."""
+    return ", ".join(f"{k} {100 * v:.0f}%" for k, v in context.get("follow_by_statement", {}).items())
+
+
 def releases_section() -> list[str]:
     """Every release in released/ (unike/releases.py), from its own training.json: what the
     default run (seed 0) and the seeds overlay (seeds 1, 2) install."""
@@ -200,7 +205,7 @@ def releases_section() -> list[str]:
         training = json.loads((meta_path.parent / "training.json").read_text(encoding="utf-8"))
         held, context = training["heldout"], training["context"]
         follow = context["heldout"]
-        kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in context["follow_by_statement"].items())
+        kinds = statement_kinds(context)
         rows.append((meta["backbone"], meta["inputs"]["pretrain"]["seed"],
                      f"| {meta['backbone']} | {meta['inputs']['pretrain']['seed']} | `{meta['key']}` "
                      f"| {100 * held['exact_match']:.1f}% ({100 * context['plain_before']['exact_match']:.1f}%) "
