@@ -160,3 +160,26 @@ def test_each_seed_has_its_own_chain_config_and_hashes(config):
         per_seed = [settings.settings_hash(of(settings.seed_config(seeded, s))) for s in (0, 1, 2)]
         assert len(set(per_seed)) == 3
         assert per_seed[0] == settings.settings_hash(of(single))
+
+
+@pytest.mark.parametrize("method,changed,reruns", [
+    # beta scales zeta': read by UniKE, not by its variants without zeta or without neurons
+    ("unike", {"beta": 0.7}, True),
+    ("unike-intrin+latent-ike", {"beta": 0.7}, False),
+    ("unike-only-latent-ike", {"beta": 0.7, "lr": 0.5, "n_neurons": 2}, False),
+    ("unike-only-latent-ike", {"top_k": 4}, True),
+    ("unike-only-intrin", {"top_k": 4, "ike_k": 4}, False),
+    ("unike-only-intrin", {"lr": 0.5}, True),
+    ("unike-intrin+ike", {"ike_k": 4}, True),
+    ("unike-intrin+ike", {"top_k": 4}, False),
+])
+def test_a_cell_reruns_only_for_hyperparameters_its_editor_reads(config, method, changed, reruns):
+    """Changing `unike`'s hyperparameters reaches every variant through `base:`; a variant's
+    grid cells rerun (their settings hash changes) only where it reads what changed."""
+    from unike import config as settings
+
+    cell = Cell(method, "tiny-blip2-opt", "e-vqa", "one-step")
+    before = settings.cell_config_hash(load_config(copy.deepcopy(config)), cell)
+    config["methods"]["unike"]["hparams"].update(changed)
+    after = settings.cell_config_hash(load_config(config), cell)
+    assert (before != after) == reruns

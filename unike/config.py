@@ -287,15 +287,19 @@ def prepare_settings(config: dict, method: str, backbone: str, task: str) -> dic
 
 def cell_settings(config: dict, cell: Cell) -> dict:
     """Everything that decides a grid cell's numbers (edit_eval): the method as it runs on
-    the backbone, the eval data, the metric definition and, for methods that read UniKE's
-    knowledge, the `knowledge:` section."""
-    from unike.editing import resolve_editor
+    the backbone, less the hyperparameters its editor does not read with these values
+    (`Editor.unread_hparams`), the eval data, the metric definition and, for methods that
+    read UniKE's knowledge, the `knowledge:` section."""
+    from unike.editing import parse_hparams, resolve_editor
     from unike.metrics import METRIC_VERSION
 
     entry = method_entry(config, cell.method, cell.backbone)
-    settings = {**eval_settings(config, cell.backbone, cell.task), "cell": cell.__dict__, "method": entry,
+    cls = resolve_editor(entry["editor"])
+    unread = cls.unread_hparams(parse_hparams(cls.Hparams, entry["hparams"], f"methods.{cell.method}"))
+    method = {**entry, "hparams": {k: v for k, v in entry["hparams"].items() if k not in unread}}
+    settings = {**eval_settings(config, cell.backbone, cell.task), "cell": cell.__dict__, "method": method,
                 "metric_version": METRIC_VERSION}
-    if resolve_editor(entry["editor"]).needs_knowledge:
+    if cls.needs_knowledge:
         settings["knowledge"] = config.get("knowledge", {})
     return settings
 

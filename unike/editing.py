@@ -56,6 +56,14 @@ class Editor:
         return tuple(sorted(dataclasses.asdict(hparams).items()))
 
     @classmethod
+    def unread_hparams(cls, hparams) -> frozenset[str]:
+        """The hyperparameters that editing with these parsed values never reads (a UniKE
+        variant without neurons reads none of theirs). A grid cell's settings hash leaves
+        them out, so changing one reruns only the cells that read it; by default every
+        hyperparameter is read."""
+        return frozenset()
+
+    @classmethod
     def local_paths(cls, hparams) -> dict[str, Path]:
         """Files or folders from outside the DAG that these hyperparameters name (an auxiliary
         model, an embedder), by hyperparameter: a real run checks they exist before any job."""

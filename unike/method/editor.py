@@ -178,6 +178,24 @@ class UniKE(Editor):
         return hparams.external != "ike"  # IKE's prompt holds one edit (the paper has no sequential IKE)
 
     @classmethod
+    def unread_hparams(cls, hparams) -> frozenset[str]:
+        # What `edit` and `predict` skip with these values: a variant without neurons reads
+        # none of the intrinsic knobs (beta only through zeta'), latent knowledge's only with
+        # `external: latent`, IKE's only with `external: ike`. `memory_size` stays: it
+        # decides the prepared folder (`prepare_key`) every variant loads.
+        unread = set()
+        if not hparams.intrinsic:
+            unread |= {"n_neurons", "key_spread", "beta", "zeta", "lr", "max_steps", "activation_weight",
+                       "memory_weight", "memory_top_k"}
+        elif hparams.zeta == "none":
+            unread.add("beta")
+        if hparams.external != "latent":
+            unread |= {"top_k", "alpha"}
+        if hparams.external != "ike":
+            unread |= {"ike_k", "ike_embedder", "ike_context_limit"}
+        return frozenset(unread)
+
+    @classmethod
     def local_paths(cls, hparams) -> dict[str, Path]:
         used = hparams.external == "ike" and hparams.ike_embedder != BUNDLED
         return {"ike_embedder": Path(hparams.ike_embedder)} if used else {}
