@@ -18,4 +18,5 @@ def figure_names(figure4: bool, figure5a: bool) -> list[str]:
 
 def report_files(figure4: bool, figure5a: bool) -> list[str]:
     files = ["index.html"] + [f"tables/table{n}.{fmt}" for n in TABLE_NUMBERS for fmt in TABLE_FORMATS]
-    return files + [f"figures/{name}.{fmt}" for name in figure_names(figure4, figure5a) for fmt in FIGURE_FORMATS]
+    files += [f"figures/{name}.{fmt}" for name in figure_names(figure4, figure5a) for fmt in FIGURE_FORMATS]
+    return files + (["figures/figure4.md"] if figure4 else [])  # Figure 4's points as numbers

@@ -23,7 +23,7 @@ from reports.paper import paper_method_ids
 from reports.results import Results
 from reports.stats import Estimate
 from reports.summary import SCORE_LABELS, SETTINGS, table5
-from reports.tables import (ABLATION_LABELS, ABLATIONS, METRIC_LABELS, PAPER_METHOD_ORDER, table1, table2,
+from reports.tables import (ABLATION_LABELS, ABLATIONS, METRIC_LABELS, PAPER_METHOD_ORDER, seeds_note, table1, table2,
                             table3, table4)
 
 # Columns of the provenance table on the index page, in display order.
@@ -107,6 +107,7 @@ class FigureEntry:
     title: str
     name: str | None
     notes: tuple[str, ...] = ()
+    numbers: str | None = None  # the drawn points as a Markdown file, relative to the report
 
 
 def render_report(db_path: Path, out_dir: Path, backbone_map: dict[str, str], method_map: dict[str, str],
@@ -134,11 +135,18 @@ def render_report(db_path: Path, out_dir: Path, backbone_map: dict[str, str], me
 
     written: list[Path] = []
     entries: list[FigureEntry] = []
+    envs = _environments()
+    texts: dict[str, str] = {}
     if figure4:
         data = figures.figure4(results, figure4)
         written += figures.draw_figure4(data, out_dir / "figures/figure4")
+        drawn = [s for (b, m, t, _), s in results.cells.items()
+                 if (b, t) == (data.backbone, data.task) and m in figures.figure4_methods(figure4)]
+        texts["figures/figure4.md"] = envs["md"].get_template("figure4.md.j2").render(
+            d=data, seeds_note=seeds_note(drawn), SERIES_LABELS=figures.SERIES_LABELS)
         notes = tuple(f"Missing (no runs): {m}" for m in data.missing)
-        entries.append(FigureEntry(f"Figure 4: in-depth analysis ({data.backbone}, {data.task})", "figure4", notes))
+        entries.append(FigureEntry(f"Figure 4: in-depth analysis ({data.backbone}, {data.task})", "figure4", notes,
+                                   "figures/figure4.md"))
     else:
         entries.append(FigureEntry("Figure 4", None, ("Not drawn: the config has no report.figure4 section.",)))
     if spaces:
@@ -152,8 +160,6 @@ def render_report(db_path: Path, out_dir: Path, backbone_map: dict[str, str], me
     entries.append(FigureEntry("Beyond the paper: generality vs locality of every method (one-step; cf. the paper's "
                                "Figure 2a)", "gen-vs-loc"))
 
-    envs = _environments()
-    texts: dict[str, str] = {}
     for t in tables:
         kind = "table5" if t.number == 5 else "metric_table"
         for fmt in ("md", "html", "tex"):

@@ -13,8 +13,9 @@ import polars as pl
 import pytest
 import yaml
 
-from reports.figures import figure4, figure4_methods, read_spaces, tradeoff
+from reports.figures import figure4, figure4_methods, read_spaces, renamed_methods, tradeoff
 from reports.outputs import report_files
+from reports.paper import paper_method_ids
 from reports.render import render_report
 from reports.results import Results
 from unike.config import load_config, validate
@@ -210,6 +211,19 @@ def test_render_writes_exactly_the_rule_outputs_deterministically(inputs: tuple[
     assert "Missing (no runs): (a) IKE, K = 40: fig4a-ike-k40" in index
     for name in ("figure4", "figure5a", "gen-vs-loc"):
         assert f'<img src="figures/{name}.png"' in index and f'href="figures/{name}.pdf"' in index
+    # Figure 4's points as numbers: the estimates the PNG draws, and what has no runs.
+    numbers = (tmp_path / "a/figures/figure4.md").read_text(encoding="utf-8")
+    assert 'href="figures/figure4.md"' in index
+    with open_readonly(db) as con:
+        data = figure4(Results.load(con).with_paper_names(METHOD_MAP, paper_method_ids()),
+                       renamed_methods(FIGURE4, METHOD_MAP))
+    ours = data.c[3].ours
+    assert (f"| ζ (ours) | unike | {ours.generality.mean:.1f} [{ours.generality.lo:.1f}, {ours.generality.hi:.1f}] | "
+            f"{ours.locality.mean:.1f} [{ours.locality.lo:.1f}, {ours.locality.hi:.1f}] | 95.1, 93.8 |") in numbers
+    k8 = data.a["latent-ike"][0]
+    assert f"| Latent-IKE | 8 | fig4a-latent-k8 | {k8.generality.mean:.1f} [" in numbers
+    assert "Missing (no runs): (a) IKE, K = 40: fig4a-ike-k40" in numbers
+    assert "Seeds per cell of ours: 1 (seed 0)." in numbers
     # Figure 4's sweep methods stay out of Table 1 (they are one-step runs too).
     table1 = (tmp_path / "a/tables/table1.md").read_text(encoding="utf-8")
     assert "fig4a-latent-k8" not in table1 and "only Intrin" not in table1
