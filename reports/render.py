@@ -140,8 +140,9 @@ def render_report(db_path: Path, out_dir: Path, backbone_map: dict[str, str], me
     if figure4:
         data = figures.figure4(results, figure4)
         written += figures.draw_figure4(data, out_dir / "figures/figure4")
+        methods = figures.figure4_methods(figure4)
         drawn = [s for (b, m, t, _), s in results.cells.items()
-                 if (b, t) == (data.backbone, data.task) and m in figures.figure4_methods(figure4)]
+                 if (b, t) == (data.backbone, data.task) and m in methods]
         texts["figures/figure4.md"] = envs["md"].get_template("figure4.md.j2").render(
             d=data, seeds_note=seeds_note(drawn), SERIES_LABELS=figures.SERIES_LABELS)
         notes = tuple(f"Missing (no runs): {m}" for m in data.missing)
