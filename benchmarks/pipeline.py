@@ -34,7 +34,7 @@ from unike.backbones import cpu_name
 REPO = Path(__file__).resolve().parent.parent
 # default: the tiny backbones installed from released/ where their key matches (as the README's
 # command runs it); default-scratch: pretrained here as well (use_released_backbones off).
-CONFIGS = {"default": [], "default-scratch": ["--config", "use_released_backbones=false"],
+CONFIGS = {"default": [], "default-scratch": ["--config", "use_released_backbones=False"],
            "smoke": ["--configfile", str(REPO / "configs" / "smoke.yaml")]}
 
 

@@ -183,3 +183,23 @@ def test_a_cell_reruns_only_for_hyperparameters_its_editor_reads(config, method,
     config["methods"]["unike"]["hparams"].update(changed)
     after = settings.cell_config_hash(load_config(config), cell)
     assert (before != after) == reruns
+
+
+def test_a_cell_hashes_the_values_its_editor_runs_with_defaults_included(config, monkeypatch):
+    """A hyperparameter left at its default hashes as its value: writing the default out
+    changes nothing, and a default changed in the code reruns the cells that read it."""
+    import dataclasses
+
+    from unike import config as settings
+    from unike.method import editor as unike_editor
+
+    cell = Cell("unike", "tiny-blip2-opt", "e-vqa", "one-step")
+    default = unike_editor.UniKEHparams().memory_weight
+    before = settings.cell_config_hash(load_config(copy.deepcopy(config)), cell)
+    config["methods"]["unike"]["hparams"]["memory_weight"] = default
+    assert settings.cell_config_hash(load_config(copy.deepcopy(config)), cell) == before
+    del config["methods"]["unike"]["hparams"]["memory_weight"]
+    changed = dataclasses.make_dataclass("UniKEHparams", [("memory_weight", float, default * 2)],
+                                         bases=(unike_editor.UniKEHparams,), frozen=True)
+    monkeypatch.setattr(unike_editor.UniKE, "Hparams", changed)
+    assert settings.cell_config_hash(load_config(config), cell) != before

@@ -1,10 +1,12 @@
 """T-Patcher and the shared key-value neurons, on untrained tiny backbones."""
 
+import pytest
 import torch
 
 from baselines.tpatcher import AmplifiedNeurons, TPatcher, TPatcherHparams
 from unike.data import case_samples, edit_sample
-from unike.neurons import FFNPatcher, KeyValueNeurons, ffn_inputs, key_init, memory_columns, memory_loss
+from unike.neurons import (FFNPatcher, KeyValueNeurons, ffn_inputs, key_init, memory_columns, memory_loss,
+                           top_k_indices)
 
 
 def _logits(backbone, case):
@@ -66,6 +68,16 @@ def test_memory_loss_is_t_patchers_over_each_neurons_k_hardest_memory_inputs():
         grad_by_hand = sum(memory[i] * float(torch.exp(memory[i] @ keys[j] + bias[j] + 3)
                                              * (torch.exp(-s_own[j]) + 1) / 15) for i in top[:, j])
         assert torch.allclose(neurons.keys.grad[j], grad_by_hand, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_indices_are_each_rows_k_largest(dtype):
+    x = torch.randn(7, 300, generator=torch.Generator().manual_seed(1)).to(dtype)
+    picked = top_k_indices(x, 20)
+    assert picked.shape == (7, 20)
+    for row, idx in zip(x, picked):
+        assert set(idx.tolist()) == set(row.topk(20).indices.tolist())
+    assert top_k_indices(x, 500).shape == (7, 300)  # k above the row length: every entry
 
 
 def test_tpatcher_fixes_the_edit_keeps_memory_silent_and_restores_exactly(backbone, vqa_cases, tmp_path):

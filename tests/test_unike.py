@@ -81,6 +81,26 @@ def test_latent_knowledge_shifts_the_output_when_included(backbone, vqa_cases, u
     editor.close()
 
 
+def test_knowledge_keys_and_values_reused_only_for_the_same_entries(backbone, vqa_cases, unike_dirs):
+    """Retrieved entries' keys and values are reused while the same entries are retrieved,
+    and never across edits: after a restore, the next edit's own entry takes the index the
+    last edit's had, and must be seen as itself (as by an editor that never saw the first)."""
+    samples = case_samples(vqa_cases[1])
+    fresh = _unike(backbone, unike_dirs, intrinsic=False, alpha=0.5)
+    fresh.edit(vqa_cases[1])
+    expected = fresh._forward(backbone.encode(samples))
+    fresh.close()
+    editor = _unike(backbone, unike_dirs, intrinsic=False, alpha=0.5)
+    editor.edit(vqa_cases[0])
+    editor._forward(backbone.encode(samples))
+    editor.restore()
+    editor.edit(vqa_cases[1])
+    first = editor._forward(backbone.encode(samples))
+    assert torch.equal(first, expected)
+    assert torch.equal(editor._forward(backbone.encode(samples)), first)  # from the cached keys and values
+    editor.close()
+
+
 def test_retrieval_ignores_answer_tokens(backbone, vqa_cases, unike_dirs):
     """The query sits at the last prompt token, so changing the answer changes nothing retrieved."""
     editor = _unike(backbone, unike_dirs, intrinsic=False, alpha=0.5)

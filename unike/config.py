@@ -6,6 +6,7 @@ Kept free of torch imports: the workflow imports it to build the DAG.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from importlib import resources
@@ -287,16 +288,20 @@ def prepare_settings(config: dict, method: str, backbone: str, task: str) -> dic
 
 def cell_settings(config: dict, cell: Cell) -> dict:
     """Everything that decides a grid cell's numbers (edit_eval): the method as it runs on
-    the backbone, less the hyperparameters its editor does not read with these values
-    (`Editor.unread_hparams`), the eval data, the metric definition and, for methods that
-    read UniKE's knowledge, the `knowledge:` section."""
+    the backbone (every hyperparameter's value, defaults included), less the
+    hyperparameters its editor does not read with these values (`Editor.unread_hparams`),
+    the eval data, the metric definition and, for methods that read UniKE's knowledge, the
+    `knowledge:` section."""
     from unike.editing import parse_hparams, resolve_editor
     from unike.metrics import METRIC_VERSION
 
     entry = method_entry(config, cell.method, cell.backbone)
     cls = resolve_editor(entry["editor"])
-    unread = cls.unread_hparams(parse_hparams(cls.Hparams, entry["hparams"], f"methods.{cell.method}"))
-    method = {**entry, "hparams": {k: v for k, v in entry["hparams"].items() if k not in unread}}
+    hparams = parse_hparams(cls.Hparams, entry["hparams"], f"methods.{cell.method}")
+    unread = cls.unread_hparams(hparams)
+    # Every value the editor runs with, its defaults included: a default changed in the
+    # code reruns the cells that read it, as a changed config value does.
+    method = {**entry, "hparams": {k: v for k, v in dataclasses.asdict(hparams).items() if k not in unread}}
     settings = {**eval_settings(config, cell.backbone, cell.task), "cell": cell.__dict__, "method": method,
                 "metric_version": METRIC_VERSION}
     if cls.needs_knowledge:

@@ -13,6 +13,7 @@ below -3, would not silence a SwiGLU neuron; with ReLU it does, exactly.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -145,14 +146,26 @@ def memory_columns(memory: torch.Tensor) -> torch.Tensor:
     return memory.T.contiguous()
 
 
+def top_k_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries of each row of `x`, in no order. On a CPU,
+    numpy's introselect finds them 4-5 times faster than `torch.topk` does for the memory
+    loss's shape (10 rows of 5,000, k = 256: 75 against 330 us), which a training step of
+    T-Patcher or UniKE pays once per edited layer."""
+    k = min(k, x.shape[1])
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16
+        return x.topk(k, dim=1, sorted=False).indices
+    picked = np.argpartition(x.detach().numpy(), x.shape[1] - k, axis=1)[:, x.shape[1] - k:]
+    return torch.from_numpy(np.ascontiguousarray(picked))
+
+
 def memory_loss(neurons: KeyValueNeurons, s_own: torch.Tensor, memory: torch.Tensor, top_k: int = 1000,
                 margin: float = 3.0) -> torch.Tensor:
     """T-Patcher's memory loss: on unrelated FFN inputs the neurons stay `margin` below
     their activation on the edit, and below -`margin` outright (top-k hardest inputs).
     `memory` holds the inputs as columns (`memory_columns`). The loss is a mean over the
-    top-k, so their order does not matter (`sorted=False` halves the top-k's cost)."""
+    top-k, so their order does not matter."""
     if memory.numel() == 0:
         return s_own.new_zeros(())
     a_mem = torch.addmm(neurons.bias[:, None], neurons.keys, memory)  # (n_neurons, n_memory)
-    top = a_mem.topk(min(top_k, a_mem.shape[1]), dim=1, sorted=False).values
+    top = a_mem.gather(1, top_k_indices(a_mem, top_k))
     return torch.exp(top - s_own[:, None] + margin).mean() + torch.exp(top + margin).mean()

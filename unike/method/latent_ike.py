@@ -48,7 +48,8 @@ class LatentIKE:
         self.memory_sem, self.memory_pos, self.unit_sem = dict(memory_sem), dict(memory_pos), dict(self.base_unit)
         self.top_k, self.alpha, self.enc_sem = top_k, alpha, enc_sem
         self.query_positions: torch.Tensor | None = None
-        self._state: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._state: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer: query, retrieved indices
+        self._kv: dict[int, tuple[torch.Tensor, ...]] = {}  # per layer: the last retrieval's indices, h_pos, K, V
         self._handles: list = []
         self.last_alpha: dict[int, torch.Tensor] = {}
 
@@ -57,9 +58,11 @@ class LatentIKE:
         self.memory_sem[layer] = torch.cat([self.memory_sem[layer], h_sem[None]])
         self.memory_pos[layer] = torch.cat([self.memory_pos[layer], h_pos[None]])
         self.unit_sem[layer] = F.normalize(self.memory_sem[layer], dim=-1)
+        self._kv.pop(layer, None)
 
     def reset(self) -> None:
         self.memory_sem, self.memory_pos, self.unit_sem = dict(self.base_sem), dict(self.base_pos), dict(self.base_unit)
+        self._kv = {}  # an index may name another edit's entry next time
 
     def retrieve(self, layer: int, queries: torch.Tensor) -> torch.Tensor:
         """Indices (B, K) of the memory entries whose h_sem is closest (cosine) to each query."""
@@ -84,25 +87,40 @@ class LatentIKE:
         """Where each row's query token is: its last prompt token."""
         self.query_positions = last_prompt_positions(batch).to(self.backbone.device)
 
+    def _knowledge_kv(self, layer: int, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The retrieved h_pos (B, K, d) and their keys and values (B, H, K, dh) in the
+        layer's attention. They depend only on which entries were retrieved (the attention's
+        weights are frozen), and a training step of UniKE usually retrieves what the step
+        before did: then the last ones are reused, bit for bit."""
+        cached = self._kv.get(layer)
+        if cached is not None and torch.equal(cached[0], indices):
+            return cached[1:]
+        attn, norm, _ = _attention_parts(self.backbone, layer)
+        retrieved = self.memory_pos[layer][indices]
+        b, n_k, _ = retrieved.shape
+        kn = norm(retrieved)
+        k = attn.k_proj(kn).view(b, n_k, -1, attn.head_dim).transpose(1, 2)  # (B, Hkv, K, dh)
+        v = attn.v_proj(kn).view(b, n_k, -1, attn.head_dim).transpose(1, 2)
+        self._kv[layer] = (indices, retrieved, k, v)
+        return retrieved, k, v
+
     def _retrieve_hook(self, layer, args, kwargs):
         h = args[0] if args else kwargs["hidden_states"]
         rows = torch.arange(h.shape[0], device=h.device)
         query = h[rows, self.query_positions]
-        retrieved = self.memory_pos[layer][self.retrieve(layer, query)]  # (B, K, d)
-        self._state[layer] = (query, retrieved)
+        self._state[layer] = (query, self.retrieve(layer, query))
 
     def _shift_hook(self, layer, args, kwargs, output):
-        query, retrieved = self._state.pop(layer)
-        attn, norm, o_proj = _attention_parts(self.backbone, layer)
+        query, indices = self._state.pop(layer)
+        attn, _, o_proj = _attention_parts(self.backbone, layer)
         x = args[0] if args else kwargs["hidden_states"]  # the normed input of self-attention
         b, t, _ = x.shape
         head_dim = attn.head_dim
         q = attn.q_proj(x).view(b, t, -1, head_dim).transpose(1, 2)  # (B, H, T, dh)
-        kn = norm(retrieved)
-        k = attn.k_proj(kn).view(b, kn.shape[1], -1, head_dim).transpose(1, 2)  # (B, Hkv, K, dh)
-        v = attn.v_proj(kn).view(b, kn.shape[1], -1, head_dim).transpose(1, 2)
+        retrieved, k, v = self._knowledge_kv(layer, indices)
         groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if groups > 1:  # grouped KV heads: each serves `groups` query heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         weights = torch.softmax(q @ k.transpose(-1, -2) * head_dim**-0.5, dim=-1)  # (B, H, T, K)
         h_know = o_proj((weights @ v).transpose(1, 2).reshape(b, t, -1))
         if self.alpha is None:
