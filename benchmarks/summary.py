@@ -217,7 +217,8 @@ def releases_section() -> list[str]:
             "What `pretrain_backbone` installs (docs/tiny-world.md, \"Released backbones\"): seed 0 for the default "
             "run, seeds 1 and 2 for the seeds overlay (`configs/seeds.yaml`). Figures from each release's own "
             "`training.json`, measured as in the table above; pretraining: the wall seconds of the run that made it "
-            "(seeds 1 and 2 shared the machine with a test run).", "",
+            "(world v4's, stop 32: up to four pretrainings and a test run shared two cores, so they are no timings).",
+            "",
             "| backbone | seed | key | held-out exact match (before the context phase) | follows | "
             "keeps: another creature / another fact | pretraining |", "| --- | --- | --- | --- | --- | --- | --- |",
             *(row for *_, row in sorted(rows))]
