@@ -60,14 +60,16 @@ def main() -> None:
         at = int(wrong[0])
         right, written = (backbone.tokenizer.convert_ids_to_tokens(int(t)) for t in (target[at], logits[at].argmax()))
         failures.append({"right": right, "written": written, "at_name": right in split,
-                         "written_split": split.get(written, "not a name"), "rank_of_right": int((logits[at] > logits[at, target[at]]).sum())})
+                         "written_split": split.get(written, "not a name"),
+                         "rank_of_right": int((logits[at] > logits[at, target[at]]).sum())})
     at_name = [f for f in failures if f["at_name"]]
     with tempfile.TemporaryDirectory() as tmp:
         blank = Path(tmp) / "blank.png"
         with Image.open(samples[0].image) as im:
             Image.new(im.mode, im.size, (128,) * len(im.getbands())).save(blank)
         blind = answer_predictions_of(backbone, [dataclasses.replace(s, image=blank) for s in samples], batch_size=32)
-    by_split = {s: statistics.mean(mentions[n] for n, k in split.items() if k == s) for s in sorted(set(split.values()))}
+    by_split = {part: statistics.mean(mentions[n] for n, k in split.items() if k == part)
+                for part in sorted(set(split.values()))}
     figures = {"backbone": args.backbone, "backbone_dir": str(args.backbone_dir or ""), "captions": len(records),
                "wrong": len(failures), "wrong_at_name": len(at_name),
                "follows_with_a_blank_picture": sum(bool((p == t).all()) for p, t in blind) / len(blind),
