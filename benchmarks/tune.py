@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import logging
 import tempfile
@@ -163,27 +164,36 @@ class TrialLog:
     def add(self, trial: dict) -> None:
         self.trials.append(trial)
         if self.path is not None:
-            _write_json(self.path, {**_read_json(self.path), self.name: {"identity": self.identity,
-                                                                         "trials": self.trials}})
+            _update_json(self.path, self.name, {"identity": self.identity, "trials": self.trials})
 
     @staticmethod
     def forget(path: Path, name: str) -> None:
-        entries = _read_json(path)
-        entries.pop(name, None)
-        _write_json(path, entries)
+        _update_json(path, name, None)
 
 
 def _read_json(path: Path | None) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
 
 
-def _write_json(path: Path, entries: dict) -> None:
-    """`entries` to `path`, sorted and indented; an empty dict removes the file."""
-    if entries:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    else:
-        path.unlink(missing_ok=True)
+def _update_json(path: Path, name: str, entry: dict | None) -> None:
+    """Entry `name` of the JSON file `path` set to `entry` (None: removed; a file left empty
+    is removed), the other entries kept. Two searches may run at once (one per core, other
+    methods): the read and the write happen under an exclusive lock on a file beside
+    `path`, and the write replaces the file whole, so neither loses the other's entries and
+    no reader sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entries = _read_json(path)
+        entries.pop(name, None)
+        if entry is not None:
+            entries[name] = entry
+        if entries:
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            partial.replace(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def split_by_fact(cases: list[EditCase], share: float, seed: int) -> tuple[list[EditCase], list[EditCase]]:
@@ -406,7 +416,7 @@ def main() -> None:
             for method in args.method:  # each record as its search ends: a later one may yet stop
                 name = record_name(method, args.sequential)
                 record = tune(config, method, splits, args.sequential, UNFINISHED)
-                _write_json(RESULTS, {**_read_json(RESULTS), name: record})
+                _update_json(RESULTS, name, record)
                 TrialLog.forget(UNFINISHED, name)
                 print(advice(method, record), flush=True)
     except (ConfigError, DataError) as e:  # bad input: one line naming it, no traceback

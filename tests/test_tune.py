@@ -19,8 +19,8 @@ from conftest import REPO, make_backbone
 
 sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark scripts import each other by name
 from summary import tuning_section, unfinished_section  # noqa: E402
-from tune import (TRIALS, TrialLog, ValidationSplit, coordinate_search, search_space, split_by_fact,  # noqa: E402
-                  tune)
+from tune import (TRIALS, TrialLog, ValidationSplit, _update_json, coordinate_search, search_space,  # noqa: E402
+                  split_by_fact, tune)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -267,6 +267,30 @@ def test_a_stopped_search_resumes_from_the_trials_it_finished(tmp_path):
     assert len(fresh.calls) == 2 * TRIALS
     TrialLog.forget(log, "mend, seq-10")  # what the command does once the record is written
     assert not log.exists()
+
+
+def _add_entries(path, prefix, count):
+    for i in range(count):
+        _update_json(path, f"{prefix}{i}", {"trial": i})
+
+
+def test_two_searches_at_once_keep_each_others_records(tmp_path):
+    # Two tune.py processes (other methods, one per core) write the same two files: each
+    # read-and-write is under the lock, so neither drops the other's entries.
+    import multiprocessing
+
+    path = tmp_path / "tuning.json"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_add_entries, args=(path, prefix, 150)) for prefix in ("ft-", "mend-")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    entries = json.loads(path.read_text())
+    assert sorted(entries) == sorted(f"{p}{i}" for p in ("ft-", "mend-") for i in range(150))
+    _update_json(path, "ft-0", None)
+    assert "ft-0" not in json.loads(path.read_text()) and len(json.loads(path.read_text())) == 299
 
 
 def test_too_few_validation_cases_for_a_sequence_are_named(world_dir, world_config, tmp_path):
