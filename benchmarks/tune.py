@@ -72,6 +72,7 @@ from unike.harness import make_sequences, pre_edit_predictions, pre_edit_tensors
 from unike.hypernet import split_validation
 from unike.method.encoders import EncoderConfig, pretrain_encoders
 from unike.method.knowledge import load_triplets, save_hidden_states, save_triplets
+from unike.store import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tuning.json"
 UNFINISHED = RESULTS.with_name("tuning-unfinished.json")  # trials of searches that have not ended (TrialLog)
@@ -189,9 +190,8 @@ def _update_json(path: Path, name: str, entry: dict | None) -> None:
         if entry is not None:
             entries[name] = entry
         if entries:
-            partial = path.with_name(path.name + ".partial")
-            partial.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            partial.replace(path)
+            text = json.dumps(entries, indent=2, sort_keys=True) + "\n"
+            atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         else:
             path.unlink(missing_ok=True)
 

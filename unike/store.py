@@ -176,7 +176,7 @@ def validate_rows(rows: Iterable[Mapping[str, Any]], provenance: Mapping[str, An
 
 # --------------------------------------------------------------------------- writing
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write via ``write(tmp)`` into a temp file next to ``path``, then rename over it.
 
     Same directory so that ``os.replace`` is an atomic rename on one filesystem;
@@ -211,8 +211,8 @@ def write_run(parquet_path: Path, provenance_path: Path, rows: list[dict], prove
     prov = validate_provenance(provenance)
     table = pa.Table.from_pylist(validate_rows(rows, prov), schema=EDIT_METRICS_SCHEMA)
     text = _provenance_json(prov)
-    _atomic_write(Path(parquet_path), lambda tmp: pq.write_table(table, tmp))
-    _atomic_write(Path(provenance_path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(Path(parquet_path), lambda tmp: pq.write_table(table, tmp))
+    atomic_write(Path(provenance_path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------- aggregation
