@@ -29,7 +29,7 @@ class FineTune(Editor):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.layer = len(self.backbone.text) - 1
+        self.layer = self.lowest_edited_layer = len(self.backbone.text) - 1  # scoring starts here
         self.params = self.backbone.text.ffn_parameters(self.layer)
         self.snapshot = ParamSnapshot(self.params)
 

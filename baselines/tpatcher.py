@@ -81,7 +81,7 @@ class TPatcher(Editor):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.layer = _layer(self.backbone, self.hparams)
+        self.layer = self.lowest_edited_layer = _layer(self.backbone, self.hparams)  # scoring starts here
         memory = load_file(str(self.prepared / "memory.safetensors"))["memory"].to(self.backbone.device)
         self.base_memory = memory_columns(memory)  # (d, M)
         self.memory = self.base_memory

@@ -54,7 +54,8 @@ from unike.grid import E_VQA, ONE_STEP, SPLIT_FILES
 from unike.convert_minigpt4 import qformer_config, required_keys, vision_config
 from unike.data import load_cases
 from unike.editing import create_editor, parse_hparams, resolve_editor
-from unike.harness import load_pre_edit, make_sequences, pre_edit_predictions, run_sequences, save_pre_edit
+from unike.harness import (PreEditStreams, load_pre_edit, make_sequences, pre_edit_predictions, run_sequences,
+                           save_pre_edit)
 from unike.method.encoders import EncoderConfig, pretrain_encoders
 from unike.method.knowledge import collect_triplets, extract_hidden_states, save_hidden_states, save_triplets
 from unike.tiny import TinyArch, build_tokenizer, text_config
@@ -361,8 +362,8 @@ def build_knowledge(backbone: Backbone, cases: Cases, folder: Path, config: dict
             "config_n_triplets": config.get("knowledge", {}).get("n_triplets", 15000)}
 
 
-def measure_method(setup: MethodSetup, backbone: Backbone, cases: Cases, pre_edit: dict, knowledge: Path | None,
-                   work: Path, seed: int, clock: Clock) -> dict:
+def measure_method(setup: MethodSetup, backbone: Backbone, cases: Cases, pre_edit: dict, streams: PreEditStreams,
+                   knowledge: Path | None, work: Path, seed: int, clock: Clock) -> dict:
     """Prepare (if the method trains), one warm-up edit, then one-step edits of the other
     eval cases; the editor is restored and released whatever happens."""
     record: dict = {"status": "ok", "editor": setup.entry["editor"], "cases": len(cases.eval) - 1}
@@ -389,11 +390,11 @@ def measure_method(setup: MethodSetup, backbone: Backbone, cases: Cases, pre_edi
         sequences = make_sequences({TASK: cases.eval}, ONE_STEP.name, seed)
         with counting_passes(backbone) as passes:
             t0 = clock.now()
-            (warmup,) = run_sequences(editor, sequences[:1], pre_edit)
+            (warmup,) = run_sequences(editor, sequences[:1], pre_edit, streams=streams)
             record["warmup"] = {"edit_s": warmup["edit_s"], "s": clock.now() - t0}
             passes[0] = 0
             t0 = clock.now()
-            rows = run_sequences(editor, sequences[1:], pre_edit, progress_every=5)
+            rows = run_sequences(editor, sequences[1:], pre_edit, progress_every=5, streams=streams)
             wall = clock.now() - t0
         edit_s = [r["edit_s"] for r in rows]
         record.update({"edit_s_median": statistics.median(edit_s), "edit_s_mean": statistics.mean(edit_s),
@@ -441,8 +442,11 @@ def measure_backbone(name: str, record: dict, args, config: dict, cases: Cases, 
                                  else None)})
     progress(f"{name}: {record['parameters']['total']:,} parameters built in {record['build_s']:.1f} s", t_start)
     pre_edit_path = work / "pre_edit" / f"{name}.json"
-    save_pre_edit(pre_edit_path, pre_edit_predictions(backbone, cases.eval), name)
+    streams_path = work / "pre_edit" / f"{name}.streams.safetensors"  # as cache_pre_edit keeps them
+    preds = pre_edit_predictions(backbone, cases.eval, (streams_path, edited_layers(config, len(backbone.text))[0]))
+    save_pre_edit(pre_edit_path, preds, name)
     pre_edit = load_pre_edit(pre_edit_path, cases.eval)
+    streams = PreEditStreams([streams_path])
     knowledge = None
     if any(s.cls.needs_knowledge for s in setups):
         knowledge = work / "knowledge" / name
@@ -452,7 +456,7 @@ def measure_backbone(name: str, record: dict, args, config: dict, cases: Cases, 
                  f"{record['knowledge']['s']:.1f} s", t_start)
     for setup in setups:
         progress(f"{name} / {setup.name}: measuring", t_start)
-        m = measure_method(setup, backbone, cases, pre_edit, knowledge, work, config["seed"], clock)
+        m = measure_method(setup, backbone, cases, pre_edit, streams, knowledge, work, config["seed"], clock)
         record["methods"][setup.name] = {**m, "hparams": setup.recorded, "changed_hparams": setup.changed}
         write()
         if m["status"] == "ok":

@@ -11,7 +11,9 @@ at a time. Images are decoded once, as a dataset holds them.
 Harness way (`harness_rows`): `run_sequences` as the pipeline runs it. Pre-edit predictions
 are read from the cache, image features computed once per image, the layers below the
 edited ones run once per edit (`Backbone.prefix`), and the five scored inputs go through
-the model as one batch.
+the model as one batch, from their residual streams at UniKE's first edited layer, which
+the pre-edit pass cached (`unike.harness.PreEditStreams`), for every editor that changes
+nothing below that layer (all five here: `scores_from` in the JSON).
 
 Both ways run each editor's own code; only the backbone under it differs. They must give
 the same metrics on every case: the script checks that.
@@ -38,14 +40,11 @@ Each case counts its fastest of `--repeats` runs of each way. Figures to
 benchmarks/results/per_edit.json.
 
 Where the harness stays under 3x on this toy, the reason is in the editor, not in the
-layers below it. KE and MEND edit with one gradient pass, so most of an edit is scoring its
-five inputs, which both ways run through all 32 layers: the harness saves the two pre-edit
-passes and what batching saves on a CPU (five inputs as one batch cost about two one-input
-passes here), about 2.5x in all. A UniKE training step keeps the edited layers' own work
-(latent IKE, the neurons, the backward pass, the memory loss over ~5,000 FFN inputs per
-layer), which on this narrow toy costs about a forward pass of all 32 layers, so leaving
-out the 28 below and the vision tower roughly halves a step (docs/unike.md, "Training on
-a prefix").
+layers below it. A UniKE training step keeps the edited layers' own work (latent IKE's
+retrieval and feature shifting, the neurons, the backward pass, the memory loss over
+~5,000 FFN inputs per layer), which both ways pay: on this narrow toy latent IKE alone
+costs as much as the four edited layers it shifts, so leaving out the 28 below and the
+vision tower cuts a step by less than 3x (docs/unike.md, "Training on a prefix").
 
     python benchmarks/per_edit.py --cases 3 --repeats 2
 """
@@ -67,7 +66,7 @@ from unike.config import load_config
 from unike.data import ROWS, Sample, case_samples, load_cases
 from unike.editing import Editor, NoEdit, create_editor, parse_hparams, resolve_editor
 from unike.grid import SPLIT_FILES, TASKS
-from unike.harness import pre_edit_predictions, pre_edit_tensors, run_sequences
+from unike.harness import PreEditStreams, pre_edit_predictions, pre_edit_tensors, run_sequences
 from unike.method.encoders import EncoderConfig, pretrain_encoders
 from unike.method.knowledge import collect_triplets, extract_hidden_states, save_hidden_states, save_triplets
 from unike.metrics import LOCALITY_ROWS, score_case
@@ -136,6 +135,9 @@ class PlainBackbone(Backbone):
     def logits_from(self, prefix: PlainPrefix) -> torch.Tensor:
         return self.logits(prefix.batch)
 
+    def logits_above(self, prefix: PlainPrefix, layer_output: torch.Tensor) -> torch.Tensor:
+        return self.logits(prefix.batch)  # the layer whose output the editor knew runs too
+
 
 def one_by_one(predict, samples: list[Sample]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """`predict` (an editor's) on each sample alone: the predictions and the targets."""
@@ -164,16 +166,17 @@ def plain_rows(editor: Editor, cases) -> list[dict]:
     return [{**r, "prefix_layer": min(editor.backbone.prefix_layers)} for r in rows]
 
 
-def harness_rows(editor: Editor, cases, pre_edit: dict) -> list[dict]:
+def harness_rows(editor: Editor, cases, pre_edit: dict, streams: PreEditStreams) -> list[dict]:
     """One-step edits of `cases` through the harness, each row with `cpu_s`, the CPU
     seconds of its case (one `run_sequences` call per case: one-step sequences are
     independent)."""
     rows = []
     for case in cases:
         t0 = time.process_time()
-        (row,) = run_sequences(editor, [[case]], pre_edit, progress_every=10**9)
+        (row,) = run_sequences(editor, [[case]], pre_edit, progress_every=10**9, streams=streams)
         rows.append({**row, "cpu_s": time.process_time() - t0})
-    return rows
+    stream = streams.for_editor(editor, cases[0])
+    return [{**r, "scores_from": 0 if stream is None else stream.layer} for r in rows]
 
 
 def edit_rows(way: str, entry: dict, setup: dict, method: str, task: str) -> list[dict]:
@@ -187,7 +190,7 @@ def edit_rows(way: str, entry: dict, setup: dict, method: str, task: str) -> lis
     try:
         if way == "plain":
             return plain_rows(editor, setup["cases"][task])
-        return harness_rows(editor, setup["cases"][task], setup["pre_edit"][task])
+        return harness_rows(editor, setup["cases"][task], setup["pre_edit"][task], setup["streams"][task])
     finally:
         editor.close()
 
@@ -228,8 +231,14 @@ def deep_setup(root: Path, arch: TinyArch, edited: int, entries: dict[str, dict]
                         **extra)
     cases = {task: load_cases(world_dir / SPLIT_FILES[(task, "eval")], task, world_dir, limit=n_eval)
              for task in TASKS}
-    pre_edit = {task: pre_edit_tensors(pre_edit_predictions(backbone, cs), cs) for task, cs in cases.items()}
-    return {"backbone": backbone, "knowledge": knowledge, "prepared": prepared, "cases": cases, "pre_edit": pre_edit}
+    # The pipeline's cache_pre_edit: predictions, and the streams at UniKE's first edited layer.
+    stream_layer = arch.layers - edited
+    pre_edit = {task: pre_edit_tensors(pre_edit_predictions(backbone, cs, (root / f"streams-{task}.safetensors",
+                                                                            stream_layer)), cs)
+                for task, cs in cases.items()}
+    streams = {task: PreEditStreams([root / f"streams-{task}.safetensors"]) for task in TASKS}
+    return {"backbone": backbone, "knowledge": knowledge, "prepared": prepared, "cases": cases, "pre_edit": pre_edit,
+            "streams": streams}
 
 
 def bench_entries(config: dict, prepare_steps: int, edit_steps: int) -> dict[str, dict]:
@@ -262,7 +271,7 @@ def main() -> None:
     entries = {m: e for m, e in bench_entries(config, args.prepare_steps, args.edit_steps).items()
                if m in args.methods}
     figures = {"device": cpu_device(config["threads"]), "repeats": args.repeats,
-               "layers": args.layers, "hidden": args.hidden,
+               "layers": args.layers, "hidden": args.hidden, "stream_layer": args.layers - args.edited,
                "arch": f"untrained tiny backbones, {args.layers} layers, width {args.hidden} (FFN {4 * args.hidden}; "
                "TinyArch defaults otherwise)", "prepare_steps": args.prepare_steps, "edit_steps": args.edit_steps,
                "methods": {m: {"editor": e["editor"], "hparams": e["hparams"], "backbones": {}}
@@ -286,6 +295,7 @@ def main() -> None:
                                for done in runs.values() for rows in done)
                     assert same, (method, name, task, runs)
                     figures["methods"][method]["prefix_layer"] = runs["plain"][0][0]["prefix_layer"]
+                    figures["methods"][method]["scores_from"] = runs["harness"][0][0]["scores_from"]
                     figures["methods"][method]["backbones"].setdefault(name, {})[task] = {
                         "cases": len(first), "plain_s_per_edit": round(cpu["plain"], 4),
                         "harness_s_per_edit": round(cpu["harness"], 4),

@@ -95,17 +95,21 @@ def main() -> None:
                   "a time. "
                   "Harness: pre-edit predictions from the cache, image features once per image, every pass of the edit "
                   "only through the layers it changes and those above (the lowest edited layer up: the layers column), "
-                  "the layers below once per edit, the five scored inputs as one batch. "
+                  "the layers below once per edit, the five scored inputs as one batch"
+                  + (f", from their residual streams at layer {r['stream_layer']} cached by the pre-edit pass where the "
+                     "editor changes nothing below it (the scoring column; layer 0: the whole model). "
+                     if "stream_layer" in r else " through the whole model (before the pre-edit streams existed). ") +
                   "s/edit: CPU seconds per case (edit, evaluation, scoring, restore; one thread, the machine is "
                   f"shared), each case's fastest of {r['repeats']} runs of each way, alternating; mean over the cases. "
                   "Both ways give the same metrics on every case and run (checked by the script).", "",
-                  "| method | layers | backbone | task | cases | plain s/edit | harness s/edit | speed-up |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| method | layers | scoring | backbone | task | cases | plain s/edit | harness s/edit | speed-up |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for method, m in r["methods"].items():
             for backbone, tasks in sorted(m["backbones"].items()):
                 for task, t in sorted(tasks.items()):
                     layers = f"{m['prefix_layer']}-{r['layers'] - 1}" if m["prefix_layer"] < r["layers"] - 1 else m["prefix_layer"]
-                    lines.append(f"| {method} | {layers} | {backbone} | {task} "
+                    scoring = f"{m.get('scores_from', 0)}-{r['layers'] - 1}"
+                    lines.append(f"| {method} | {layers} | {scoring} | {backbone} | {task} "
                                  f"| {t['cases']} | {t['plain_s_per_edit']:.4f} | {t['harness_s_per_edit']:.4f} "
                                  f"| {t['speedup']:.2f}x |")
     r = results.get("training_cost")

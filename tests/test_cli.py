@@ -56,8 +56,15 @@ def test_a_missing_pre_edit_cache_says_which_step_makes_it(tmp_path):
     (data / "vqa_eval.json").write_text((world / "vqa_eval.json").read_text())
     result = _unike("edit-eval", "--config", str(tmp_path / "c.yaml"), *CELL, cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "no pre-edit predictions; run `python -m unike cache-pre-edit" in result.stderr
+    assert "e-vqa.json: no pre-edit cache; run `python -m unike cache-pre-edit" in result.stderr
     assert "--backbone tiny-minigpt4 --task e-vqa`" in result.stderr
+    # The predictions without the streams (a folder from before they were cached): the same step.
+    predictions = tmp_path / "out" / "pre_edit" / "tiny-minigpt4" / "e-vqa.json"
+    predictions.parent.mkdir(parents=True)
+    predictions.write_text('{"backbone": "tiny-minigpt4", "cases": {}}')
+    result = _unike("edit-eval", "--config", str(tmp_path / "c.yaml"), *CELL, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "e-vqa.streams.safetensors: no pre-edit cache; run `python -m unike cache-pre-edit" in result.stderr
 
 
 def test_every_text_file_is_read_and_written_as_utf8():

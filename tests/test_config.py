@@ -151,6 +151,7 @@ def test_each_seed_has_its_own_chain_config_and_hashes(config):
         lambda c: settings.pretrain_settings(c, cell.backbone),
         lambda c: settings.model_settings(c, cell.backbone),
         lambda c: settings.eval_settings(c, cell.backbone, cell.task),
+        lambda c: settings.pre_edit_settings(c, cell.backbone, cell.task),
         lambda c: settings.prepare_settings(c, cell.method, cell.backbone, cell.task),
         lambda c: settings.cell_settings(c, cell),
         *(lambda c, stage=stage: settings.knowledge_settings(c, cell.backbone, stage)

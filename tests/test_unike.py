@@ -252,7 +252,7 @@ def test_intrin_ike_scored_inputs_carry_the_retrieved_demonstrations(backbone, v
     case = vqa_cases[0]
     seen = []
     forward = editor._forward
-    editor._forward = lambda batch: seen.append(batch) or forward(batch)
+    editor._forward = lambda batch, *stream: seen.append(batch) or forward(batch, *stream)
     editor.edit(case)
     seen.clear()
     editor.predict(case_samples(case))

@@ -6,6 +6,7 @@ inputs one at a time. UniKE's training steps run only the edited layers."""
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 
@@ -61,6 +62,37 @@ def test_unike_training_steps_run_only_the_edited_layers(setup):
     assert plain[0] == plain[-1] == harness[-1] >= 5
     assert plain_vision == plain[-1]  # the plain way: the vision tower at every pass too
     assert harness[0] == harness[1] == harness_vision == 1  # the harness: the layers below the edited ones once
+    # The first edited layer: the knowledge pair's and the FFN inputs' passes; a step adds its neurons only.
+    assert harness[2] == 2
+
+
+def test_unike_learns_the_same_neurons_both_ways_bit_for_bit(setup):
+    """A training step that starts above the first edited layer (its attention and FFN
+    output kept from the pass before training) computes what the whole model computes."""
+    learnt = []
+    for backbone in (setup["backbone"], PlainBackbone(setup["backbone"])):
+        editor = create_editor(ENTRIES["unike"], backbone, setup["prepared"]["unike"], setup["knowledge"])
+        try:
+            editor.edit(setup["cases"]["e-ic"][0])
+            learnt.append([p.detach().clone() for p in editor.patcher.parameters()])
+            editor.restore()
+        finally:
+            editor.close()
+    assert learnt[0] and all(torch.equal(a, b) for a, b in zip(*learnt))
+
+
+@pytest.mark.parametrize("method,lowest", [("ft", 3), ("tpatcher", 3), ("unike", 2), ("ke", 1), ("mend", 1)])
+def test_scoring_starts_from_the_cached_streams_where_nothing_below_is_edited(setup, method, lowest):
+    """The streams are at UniKE's first edited layer (2 of 4 here): FT, T-Patcher and UniKE
+    score from them; KE and MEND, editing the last 3 layers, run the whole model."""
+    editor = create_editor(ENTRIES[method], setup["backbone"], setup["prepared"].get(method), setup["knowledge"])
+    try:
+        assert editor.lowest_edited_layer == lowest
+        for task in TASKS:
+            stream = setup["streams"][task].for_editor(editor, setup["cases"][task][0])
+            assert (stream is not None and stream.layer == 2) if lowest >= 2 else stream is None
+    finally:
+        editor.close()
 
 
 @pytest.mark.parametrize("method", ENTRIES)

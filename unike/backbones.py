@@ -65,6 +65,17 @@ class Prefix:
     layer_kwargs: dict = field(repr=False)
 
 
+@dataclass
+class Stream:
+    """The residual stream (B, T, d) entering decoder layer `layer` for one batch, computed
+    before any edit (the pre-edit cache, `unike.harness.PreEditStreams`): for an editor that
+    changes nothing below `layer`, the layers below compute it again after every edit, so
+    scoring may start there (`Backbone.logits`)."""
+
+    layer: int
+    hidden: torch.Tensor
+
+
 class _StopForward(Exception):
     pass
 
@@ -95,6 +106,30 @@ class TextStack:
             return {"in.fc1": block.fc1, "out.fc2": block.fc2}
         mlp = block.mlp
         return {"in.gate_proj": mlp.gate_proj, "in.up_proj": mlp.up_proj, "out.down_proj": mlp.down_proj}
+
+    def ffn_io(self, layer: int) -> tuple[nn.Module, nn.Module]:
+        """The module whose input is the FFN's input and the one whose output is the FFN's
+        output (OPT: fc1 and fc2; LLaMA: the MLP, both)."""
+        block = self.layers[layer]
+        return (block.fc1, block.fc2) if self.kind == "opt" else (block.mlp, block.mlp)
+
+    def ffn_residual_module(self, layer: int) -> nn.Module:
+        """The module whose input is what the layer adds its FFN's output to (the stream
+        after attention): the FFN's norm, or OPT-350m's (post-norm) fc1."""
+        block = self.layers[layer]
+        if self.kind == "llama":
+            return block.post_attention_layernorm
+        return block.final_layer_norm if block.do_layer_norm_before else block.fc1
+
+    def finish_layer(self, layer: int, residual: torch.Tensor, ffn_output: torch.Tensor,
+                     shape: torch.Size) -> torch.Tensor:
+        """Decoder layer `layer`'s output (`shape`) from the two inputs of its last residual
+        addition, with the same operations as the layer's own forward (bit-identical)."""
+        if self.kind == "llama":
+            return residual + ffn_output
+        block = self.layers[layer]
+        hidden = (residual + ffn_output).view(shape)
+        return hidden if block.do_layer_norm_before else block.final_layer_norm(hidden)
 
     def ffn_parameters(self, layer: int) -> dict[str, nn.Parameter]:
         prefix = f"layers.{layer}."
@@ -231,15 +266,19 @@ class Backbone:
             embeds = embeds.masked_scatter(mask, batch.image_features.to(embeds.dtype))
         return embeds
 
-    def logits(self, batch: Batch) -> torch.Tensor:
+    def logits(self, batch: Batch, stream: Stream | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of the whole model, or only of the layers from `stream.layer`
+        up, started from `stream` (the batch's own, computed before: bit-identical to
+        running the layers below, which that stream's user has not edited)."""
+        if stream is not None:
+            return self.logits_from(self.stream_prefix(batch, stream))
         batch = self.to_device(batch)
         out = self.text.lm(inputs_embeds=self.input_embeds(batch), attention_mask=batch.attention_mask)
         return out.logits
 
-    @torch.no_grad()
-    def prefix(self, batch: Batch, layer: int) -> Prefix:
-        """Run the stack only up to decoder layer `layer` and capture its input."""
-        batch = self.to_device(batch)
+    def _layer_input(self, embeds: torch.Tensor, attention_mask: torch.Tensor, layer: int
+                     ) -> tuple[torch.Tensor, dict]:
+        """Run the stack only up to decoder layer `layer`: its input and the kwargs it gets."""
         captured = {}
 
         def grab(_module, args, kwargs):
@@ -252,18 +291,43 @@ class Backbone:
 
         handle = self.text.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            self.text.lm(inputs_embeds=self.input_embeds(batch), attention_mask=batch.attention_mask)
+            self.text.lm(inputs_embeds=embeds, attention_mask=attention_mask)
         except _StopForward:
             pass
         finally:
             handle.remove()
-        return Prefix(layer, captured["hidden"], captured["kwargs"])
+        return captured["hidden"], captured["kwargs"]
+
+    @torch.no_grad()
+    def prefix(self, batch: Batch, layer: int) -> Prefix:
+        """Run the stack only up to decoder layer `layer` and capture its input."""
+        batch = self.to_device(batch)
+        hidden, kwargs = self._layer_input(self.input_embeds(batch), batch.attention_mask, layer)
+        return Prefix(layer, hidden, kwargs)
+
+    @torch.no_grad()
+    def stream_prefix(self, batch: Batch, stream: Stream) -> Prefix:
+        """`stream` as the prefix of `batch` at its layer. Every decoder layer gets the same
+        kwargs (causal mask, positions, rotary tables), which depend on the token ids and
+        the mask, not on the embeddings' values: they come from the bare token embeddings,
+        so neither the vision side nor any layer runs."""
+        if tuple(stream.hidden.shape[:2]) != tuple(batch.input_ids.shape):
+            raise ValueError(f"{self.name}: a cached stream of {tuple(stream.hidden.shape[:2])} tokens does not fit "
+                             f"a batch of {tuple(batch.input_ids.shape)} (a stale pre-edit cache: rerun cache_pre_edit)")
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        _, kwargs = self._layer_input(self.model.get_input_embeddings()(ids), mask, 0)
+        return Prefix(stream.layer, stream.hidden.to(self.device), kwargs)
 
     def logits_from(self, prefix: Prefix) -> torch.Tensor:
         hidden = prefix.hidden
         for block in self.text.layers[prefix.layer:]:
             hidden = block(hidden, **prefix.layer_kwargs)
         return self.text.head(hidden)
+
+    def logits_above(self, prefix: Prefix, layer_output: torch.Tensor) -> torch.Tensor:
+        """`logits_from(prefix)` given the output of layer `prefix.layer` (which its caller
+        knows without running the layer): only the layers above it run."""
+        return self.logits_from(Prefix(prefix.layer + 1, layer_output, prefix.layer_kwargs))
 
     @torch.no_grad()
     def greedy(self, samples: list[Sample], max_new_tokens: int = 12) -> list[str]:

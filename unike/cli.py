@@ -241,12 +241,17 @@ def cmd_embed_spaces(args) -> None:
 def cmd_cache_pre_edit(args) -> None:
     config, layout = _setup(args)
     _torch_setup(config)
+    from unike.config import edited_layers
     from unike.harness import pre_edit_predictions, save_pre_edit
 
     backbone = _load_backbone(config, layout, args.backbone)
     cases = _eval_cases(config, layout, args.backbone, args.task)
-    save_pre_edit(layout.pre_edit(args.backbone, args.task), pre_edit_predictions(backbone, cases), args.backbone)
-    log.info("pre-edit predictions of %d %s cases cached", len(cases), args.task)
+    # The streams at UniKE's first edited layer: the lowest any built-in intrinsic editor edits.
+    layer = edited_layers(config, len(backbone.text))[0]
+    preds = pre_edit_predictions(backbone, cases, (layout.pre_edit_streams(args.backbone, args.task), layer))
+    save_pre_edit(layout.pre_edit(args.backbone, args.task), preds, args.backbone)
+    log.info("pre-edit predictions of %d %s cases cached, with their streams at layer %d", len(cases), args.task,
+             layer)
 
 
 def _code_version() -> str:
@@ -276,7 +281,7 @@ def cmd_edit_eval(args) -> None:
     config, layout = _setup(args)
     torch = _torch_setup(config)
     from unike.editing import create_editor, prepare_owners, resolve_editor
-    from unike.harness import drift_summary, load_pre_edit, make_sequences, run_sequences
+    from unike.harness import PreEditStreams, drift_summary, load_pre_edit, make_sequences, run_sequences
     from unike.metrics import METRIC_VERSION
     from unike.store import write_run
 
@@ -290,11 +295,12 @@ def cmd_edit_eval(args) -> None:
                           f"sequence and the eval split has {counts} (data.n_eval, or the mined cases)")
     pre_edit = {}
     for task in cases_by_task:
-        path = layout.pre_edit(cell.backbone, task)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no pre-edit predictions; run `python -m unike cache-pre-edit --config "
-                              f"{args.config} --backbone {cell.backbone} --task {task}` first")
-        pre_edit.update(load_pre_edit(path, cases_by_task[task]))
+        for path in (layout.pre_edit(cell.backbone, task), layout.pre_edit_streams(cell.backbone, task)):
+            if not path.is_file():
+                raise ConfigError(f"{path}: no pre-edit cache; run `python -m unike cache-pre-edit --config "
+                                  f"{args.config} --backbone {cell.backbone} --task {task}` first")
+        pre_edit.update(load_pre_edit(layout.pre_edit(cell.backbone, task), cases_by_task[task]))
+    streams = PreEditStreams([layout.pre_edit_streams(cell.backbone, task) for task in cases_by_task])
     backbone = _load_backbone(config, layout, cell.backbone)
     method = method_entry(config, cell.method, cell.backbone)
     cls = resolve_editor(method["editor"])
@@ -305,7 +311,7 @@ def cmd_edit_eval(args) -> None:
     log.info("%s: %d sequences, %d edits", cell, len(sequences), sum(map(len, sequences)))
     drift: list[list[float]] = []
     try:
-        rows = run_sequences(editor, sequences, pre_edit, drift=drift)
+        rows = run_sequences(editor, sequences, pre_edit, drift=drift, streams=streams)
     finally:
         editor.close()
 

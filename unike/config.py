@@ -262,6 +262,12 @@ def eval_settings(config: dict, backbone: str, task: str) -> dict:
     return {**model_settings(config, backbone), "n_eval": {t: n_eval.get(t) for t in case_tasks(task)}}
 
 
+def pre_edit_settings(config: dict, backbone: str, task: str) -> dict:
+    """cache_pre_edit: the eval cases it scores, and where it keeps their streams (UniKE's
+    first edited layer, from `knowledge.edited_layers`: `unike.harness`)."""
+    return {**eval_settings(config, backbone, task), "edited_layers": config.get("knowledge", {}).get("edited_layers")}
+
+
 def knowledge_settings(config: dict, backbone: str, stage: str) -> dict:
     """One stage of UniKE's knowledge pipeline: the `knowledge:` keys that stage reads.
     Encoders and the t-SNE do not run the backbone; their inputs carry its changes."""

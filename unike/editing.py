@@ -3,7 +3,7 @@
 An editor is prepared once per (backbone, task) run, then applies edits one after the
 other (a sequence; one-step editing is a sequence of one), predicts on scored inputs, and
 restores the unedited backbone bit-exactly before the next sequence. Capability flags
-(`needs_training`, `needs_knowledge`) and capability classmethods of the parsed
+(`needs_training`, `needs_knowledge`, `lowest_edited_layer`) and capability classmethods of the parsed
 hyperparameters (`supports_sequential`, `prepare_key`) let config validation, the workflow
 and the harness decide what to run without knowing method names.
 
@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from unike.backbones import Backbone, answer_predictions
+from unike.backbones import Backbone, Stream, answer_predictions
 from unike.data import EditCase, Sample
 
 
@@ -41,6 +41,11 @@ class Editor:
     # `restore` puts back and sequential runs measure the drift against; None for editors
     # that add parameters or change none.
     snapshot: "ParamSnapshot | None" = None
+    # The lowest decoder layer this editor's edits change, for an editor whose `predict`
+    # runs the backbone on the samples as given (`predict`'s `stream`); None where
+    # `predict` adds to the input or answers from another model (IKE, SERAC), or where
+    # the editor makes no such promise: scoring then runs the whole model.
+    lowest_edited_layer: int | None = None
 
     @classmethod
     def supports_sequential(cls, hparams) -> bool:
@@ -102,12 +107,15 @@ class Editor:
         patches), after the last `restore`. The caller calls it once, also after a failure."""
 
     @torch.no_grad()
-    def predict(self, samples: list[Sample]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def predict(self, samples: list[Sample], stream: Stream | None = None
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Argmax predictions and targets at the answer positions of each sample, batched.
+        `stream`: the samples' residual stream entering a layer at or below
+        `lowest_edited_layer`, cached before any edit; the layers from there up run.
         Editors that change the input (in-context methods) or route between models
-        override this."""
+        override this (and take no stream)."""
         batch = self.backbone.encode(samples)
-        return answer_predictions(self.backbone.logits(batch), batch), batch.answer_targets()
+        return answer_predictions(self.backbone.logits(batch, stream), batch), batch.answer_targets()
 
 
 class NoEdit(Editor):

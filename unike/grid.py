@@ -91,6 +91,7 @@ class Layout:
     BACKBONE_PATTERN = "backbones/{backbone}"
     DATA_PATTERN = "data/{backbone}"
     PRE_EDIT_PATTERN = "pre_edit/{backbone}/{task}.json"
+    PRE_EDIT_STREAMS_PATTERN = "pre_edit/{backbone}/{task}.streams.safetensors"
     PREPARED_PATTERN = "editors/{method}/{backbone}/{task}"
     KNOWLEDGE_PATTERN = "knowledge/{backbone}"
     RUN_PATTERN = "runs/{method}/{backbone}/{task}/{regime}/seed{seed}"
@@ -132,6 +133,10 @@ class Layout:
 
     def pre_edit(self, backbone: str, task: str) -> Path:
         return self.out / self.PRE_EDIT_PATTERN.format(backbone=backbone, task=task)
+
+    def pre_edit_streams(self, backbone: str, task: str) -> Path:
+        """The scored inputs' residual streams at UniKE's first edited layer (`unike.harness`)."""
+        return self.out / self.PRE_EDIT_STREAMS_PATTERN.format(backbone=backbone, task=task)
 
     def prepared(self, method: str, backbone: str, task: str) -> Path:
         """Folder of what a trained method prepared once per backbone and task."""

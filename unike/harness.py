@@ -9,6 +9,13 @@ computed once per (backbone, dataset) and read back from a file.
 Each case's batch is exactly the same before and after editing, so a no-op edit gives
 bit-identical logits and a locality of exactly 1.
 
+The pre-edit pass also keeps each case's residual stream entering one layer (the first of
+UniKE's edited layers, the lowest any built-in intrinsic editor edits), written to a
+safetensors file as it goes (`pre_edit_predictions`, `PreEditStreams`). Scoring after an
+edit starts from it for an editor that changes nothing below that layer
+(`Editor.lowest_edited_layer`): the layers below would compute the same tensor again,
+bit for bit, for every method and regime that scores the case.
+
 In multi-edit sequences the harness can also follow how far the edits move the weights
 (`weight_drift`): |W - W0| / |W0| over the parameters an editor changes in place, after
 each edit, for editors that keep those parameters' unedited values in `Editor.snapshot`
@@ -22,30 +29,99 @@ import json
 import logging
 import math
 import random
+import struct
 import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from unike.backbones import Backbone, answer_predictions
+from unike.backbones import Backbone, Stream, answer_predictions
 from unike.data import ROWS, EditCase, case_samples
 from unike.editing import Editor
 from unike.grid import regime as regime_named
 from unike.metrics import score_case
+from unike.store import atomic_write
 
 log = logging.getLogger(__name__)
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 @torch.no_grad()
-def pre_edit_predictions(backbone: Backbone, cases: list[EditCase]) -> dict[str, dict[str, list[int]]]:
-    out = {}
-    for i, case in enumerate(cases):
-        batch = backbone.encode(case_samples(case))
-        preds = answer_predictions(backbone.logits(batch), batch)
-        out[case.case_id] = {row: p.tolist() for row, p in zip(ROWS, preds)}
-        if (i + 1) % 50 == 0:
-            log.info("pre-edit predictions: %d/%d cases", i + 1, len(cases))
+def pre_edit_predictions(backbone: Backbone, cases: list[EditCase], streams: tuple[Path, int] | None = None
+                         ) -> dict[str, dict[str, list[int]]]:
+    """The unedited model's predictions on every scored input of `cases`. With `streams`
+    = (path, layer): each case's residual stream entering decoder `layer` (B, T, d), from
+    the same forward pass, written to the safetensors file `path` one case at a time (a
+    real backbone's eval split holds gigabytes of them: they never sit in memory together;
+    the header, written first, takes the shapes from the tokenised batches)."""
+    batches = [backbone.encode(case_samples(case)) for case in cases]
+    out: dict[str, dict[str, list[int]]] = {}
+    captured: dict[str, torch.Tensor] = {}  # the stream of the pass that runs
+
+    def run(write=None) -> None:
+        for i, (case, batch) in enumerate(zip(cases, batches)):
+            logits = backbone.logits(batch)
+            out[case.case_id] = {row: p.tolist() for row, p in zip(ROWS, answer_predictions(logits, batch))}
+            if write is not None:
+                write(captured.pop("hidden"))
+            if (i + 1) % 50 == 0:
+                log.info("pre-edit predictions: %d/%d cases", i + 1, len(cases))
+
+    if streams is None:
+        run()
+        return out
+    path, layer = streams
+    handle = backbone.text.layers[layer].register_forward_pre_hook(
+        lambda _m, args, kwargs: captured.__setitem__("hidden", args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True)
+    dtype, width = backbone.dtype, backbone.model.get_input_embeddings().embedding_dim
+    header, offset = {}, 0
+    for case, batch in zip(cases, batches):
+        shape = [len(batch), batch.input_ids.shape[1], width]
+        size = math.prod(shape) * dtype.itemsize
+        header[case.case_id] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": shape,
+                                "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"layer": str(layer)}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
+
+    def write_file(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(raw)) + raw)
+            run(lambda hidden: fh.write(hidden.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()))
+
+    try:
+        atomic_write(path, write_file)
+    finally:
+        handle.remove()
     return out
+
+
+class PreEditStreams:
+    """The streams `pre_edit_predictions` wrote (one file per task, all at one layer),
+    read one case at a time from the memory-mapped files."""
+
+    def __init__(self, paths: list[Path]):
+        self._owner, layers = {}, set()
+        for path in paths:
+            f = safe_open(str(path), "pt")
+            layers.add(int(f.metadata()["layer"]))
+            self._owner.update(dict.fromkeys(f.keys(), f))
+        if len(layers) != 1:
+            raise ValueError(f"pre-edit streams: expected one layer in {[str(p) for p in paths]}, got {sorted(layers)}")
+        self.layer = layers.pop()
+
+    def for_editor(self, editor: Editor, case: EditCase) -> Stream | None:
+        """`case`'s stream if scoring may start from it for `editor` (it changes nothing
+        below the stream's layer), else None: the whole model runs."""
+        lowest = editor.lowest_edited_layer
+        if lowest is None or lowest < self.layer:
+            return None
+        if case.case_id not in self._owner:
+            raise KeyError(f"pre-edit streams: none for case {case.case_id} (re-run cache_pre_edit)")
+        return Stream(self.layer, self._owner[case.case_id].get_tensor(case.case_id))
 
 
 def save_pre_edit(path: Path, preds: dict, backbone_name: str) -> None:
@@ -115,10 +191,12 @@ def drift_summary(drift: list[list[float]]) -> dict:
 
 
 def run_sequences(editor: Editor, sequences: list[list[EditCase]], pre_edit: dict[str, dict[str, torch.Tensor]],
-                  progress_every: int = 10, drift: list[list[float]] | None = None) -> list[dict]:
+                  progress_every: int = 10, drift: list[list[float]] | None = None,
+                  streams: PreEditStreams | None = None) -> list[dict]:
     """Edit each sequence, score every case of it after its last edit, restore. Given a
     `drift` list, each multi-edit sequence of an editor with a drift (`weight_drift`)
-    appends its drift after each of its edits."""
+    appends its drift after each of its edits. Given `streams`, scoring starts from each
+    case's cached stream where the editor allows it (`PreEditStreams.for_editor`)."""
     if any(len(s) > 1 for s in sequences) and not type(editor).supports_sequential(editor.hparams):
         raise ValueError(f"{type(editor).__name__} does not support sequential editing")
     rows, t_start, n_done = [], time.time(), 0
@@ -135,7 +213,9 @@ def run_sequences(editor: Editor, sequences: list[list[EditCase]], pre_edit: dic
         if steps:
             drift.append(steps)
         for case, edit_s in zip(sequence, edit_times):
-            preds, targets = editor.predict(case_samples(case))
+            stream = streams.for_editor(editor, case) if streams is not None else None
+            samples = case_samples(case)
+            preds, targets = editor.predict(samples) if stream is None else editor.predict(samples, stream)
             scores = score_case(dict(zip(ROWS, preds)), dict(zip(ROWS, targets)), pre_edit[case.case_id])
             rows.append({"case_id": case.case_id, "fact_id": case.fact_id, "task": case.task, "sequence_id": seq_id,
                          **scores, "edit_s": edit_s})

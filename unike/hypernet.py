@@ -460,7 +460,7 @@ class HypernetEditor(Editor):
         load_prepared(self.net, prepared, self.method, self.hparams, self.arch_fields, self.linears)
         self.net.eval().requires_grad_(False)
         self.net.to(backbone.device)
-        self.first_layer = min(lin.layer for lin in self.linears)
+        self.lowest_edited_layer = min(lin.layer for lin in self.linears)
         self.snapshot = ParamSnapshot({lin.name: lin.module.weight for lin in self.linears})
         self.limits = drift_limits(self.hparams.drift_bound, self.linears)
 
@@ -479,7 +479,7 @@ class HypernetEditor(Editor):
 
     def edit(self, case: EditCase) -> None:
         batch = self.backbone.encode([edit_sample(case)])
-        prefix = clean_prefix(self.backbone, batch, self.first_layer)
+        prefix = clean_prefix(self.backbone, batch, self.lowest_edited_layer)
         _, _, factors = capture_factors(self.backbone, prefix, batch, self.linears)
         with torch.no_grad():
             updates = self.updates(case, factors)

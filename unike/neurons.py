@@ -54,24 +54,24 @@ class FFNPatcher:
         self._handles: list = []
         self._stash: dict[int, torch.Tensor] = {}
 
-    def _ffn_io(self, layer: int) -> tuple[nn.Module, nn.Module]:
-        block = self.backbone.text.layers[layer]
-        return (block.fc1, block.fc2) if self.backbone.text.kind == "opt" else (block.mlp, block.mlp)
-
     def add(self, layer: int, neurons: KeyValueNeurons) -> None:
         if layer not in self.neurons:
             self.neurons[layer] = []
-            first, last = self._ffn_io(layer)
+            first, last = self.backbone.text.ffn_io(layer)
 
             def stash(_module, args, layer=layer):
                 self._stash[layer] = args[0]
 
             def add_patch(_module, _args, output, layer=layer):
-                x = self._stash.pop(layer)
-                return output + sum(n(x) for n in self.neurons[layer])
+                return self.patched(layer, self._stash.pop(layer), output)
 
             self._handles += [first.register_forward_pre_hook(stash), last.register_forward_hook(add_patch)]
         self.neurons[layer].append(neurons)
+
+    def patched(self, layer: int, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The FFN output `output` of `layer` for the FFN input `x` with every neuron set of
+        the layer added, in the order they were added."""
+        return output + sum(n(x) for n in self.neurons[layer])
 
     def clear(self) -> None:
         for h in self._handles:
@@ -91,8 +91,7 @@ def ffn_inputs(backbone: Backbone, batch: Batch, layers: list[int], prefix: Pref
     captured = {}
     handles = []
     for layer in layers:
-        block = backbone.text.layers[layer]
-        module = block.fc1 if backbone.text.kind == "opt" else block.mlp
+        module, _ = backbone.text.ffn_io(layer)
         handles.append(module.register_forward_pre_hook(
             lambda _m, args, layer=layer: captured.__setitem__(layer, args[0])))
     try:

@@ -16,7 +16,9 @@ Per edit:
    on the edit's NLL with T-Patcher's activation and memory losses while the latent
    knowledge is in place; their values are v + beta * zeta' with zeta' fixed. Neurons
    accumulate over sequential edits. The layers below the first edited one are run once
-   per edit (`Backbone.prefix`); each training step runs only the edited layers and the head.
+   per edit (`Backbone.prefix`); each training step runs only the edited layers and the
+   head, and of the first edited layer only its neurons (the rest of it reads nothing a
+   step changes).
 
 Variants (Table 4, Figure 4) are hyperparameters: `intrinsic`, `external` ("latent",
 "ike" or "none"), `alpha` (None = adaptive, or fixed), `zeta` ("truthfulness", "semantic",
@@ -248,12 +250,14 @@ class UniKE(Editor):
         if h.external == "ike":
             self.demonstrations = Demonstrations(backbone, prepared, h.ike_k, h.ike_embedder, h.ike_context_limit,
                                                  "UniKE")
+        else:  # nothing of UniKE acts below its first edited layer, and the input is the sample's own
+            self.lowest_edited_layer = self.layers[0]
 
     # ------------------------------------------------------------------ editing
-    def _forward(self, batch):
+    def _forward(self, batch, stream=None):
         if self.latent is not None:
             self.latent.set_batch(batch)
-        return self.backbone.logits(batch)
+        return self.backbone.logits(batch, stream)
 
     def edit(self, case: EditCase) -> None:
         h, backbone = self.hparams, self.backbone
@@ -277,8 +281,26 @@ class UniKE(Editor):
         if not h.intrinsic:
             return
         target, mask = batch.input_ids[0, 1:], batch.answer_mask[0, 1:]
-        # One pass with the latent knowledge in place: the edit's FFN inputs, and whether it is already right.
-        edit_inputs, logits = ffn_inputs(backbone, batch, self.layers, prefix)
+        # One pass with the latent knowledge in place: the edit's FFN inputs, and whether it
+        # is already right. It also keeps what the training steps never change in the first
+        # edited layer: its attention output (with the latent shift) and its FFN's own
+        # output, both computed from the prefix alone; a step adds the neurons to that FFN
+        # output and runs the layers above (`Backbone.logits_above`), bit for bit what the
+        # whole layer would give.
+        first = self.layers[0]
+        fixed = {}
+        ffn_in, ffn_out = backbone.text.ffn_io(first)
+        handles = [
+            backbone.text.ffn_residual_module(first).register_forward_pre_hook(
+                lambda _m, args: fixed.__setitem__("residual", args[0])),
+            ffn_in.register_forward_pre_hook(lambda _m, args: fixed.__setitem__("ffn_in", args[0])),
+            ffn_out.register_forward_hook(lambda _m, _args, out: fixed.__setitem__("ffn_out", out), prepend=True)]
+        try:
+            edit_inputs, logits = ffn_inputs(backbone, batch, self.layers, prefix)
+        finally:
+            for handle in handles:
+                handle.remove()
+        layer_shape = (*batch.input_ids.shape, fixed["residual"].shape[-1])
         if not bool((logits[0, :-1].argmax(-1)[mask] == target[mask]).all()):
             # The neurons learn what the latent knowledge does not supply; none if it does.
             positions = mask.nonzero().flatten()  # the positions that predict answer tokens
@@ -291,7 +313,10 @@ class UniKE(Editor):
             params = [p for n in sets.values() for p in n.parameters()]
             opt = torch.optim.Adam(params, lr=h.lr, foreach=True)  # one kernel per op for all neurons: 0.3 ms a step
             for step in range(h.max_steps):
-                logits = backbone.logits_from(prefix)[0, :-1]  # the edited layers and the head
+                first_output = backbone.text.finish_layer(
+                    first, fixed["residual"], self.patcher.patched(first, fixed["ffn_in"], fixed["ffn_out"]),
+                    layer_shape)
+                logits = backbone.logits_above(prefix, first_output)[0, :-1]  # the edited layers above and the head
                 # At least one step: the initial neurons (beta * zeta' in their values) may
                 # happen to right the edit, and must not stay untrained by the memory loss.
                 if step and bool((logits.argmax(-1)[mask] == target[mask]).all()):
@@ -311,14 +336,14 @@ class UniKE(Editor):
             self.ffn_memory[l] = torch.cat([self.ffn_memory[l], edit_inputs[l][0][real].T], dim=1)
 
     @torch.no_grad()
-    def predict(self, samples):
+    def predict(self, samples, stream=None):
         from unike.backbones import answer_predictions
 
         if self.demonstrations is not None and self.demonstrations.case is not None:
             batch = self.demonstrations.encode(samples)
         else:
             batch = self.backbone.encode(samples)
-        return answer_predictions(self._forward(batch), batch), batch.answer_targets()
+        return answer_predictions(self._forward(batch, stream), batch), batch.answer_targets()
 
     def restore(self) -> None:
         self.patcher.clear()

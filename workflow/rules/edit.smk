@@ -1,4 +1,5 @@
-# Pre-edit predictions once per (backbone, task); then one edit_eval job per grid cell.
+# Pre-edit predictions (and the scored inputs' streams at UniKE's first edited layer) once
+# per (backbone, task); then one edit_eval job per grid cell.
 
 
 rule cache_pre_edit:
@@ -7,8 +8,9 @@ rule cache_pre_edit:
         split=lambda wc: annotation_files(wc, [wc.task], "eval"),
     output:
         out(Layout.PRE_EDIT_PATTERN),
+        out(Layout.PRE_EDIT_STREAMS_PATTERN),
     params:
-        settings=lambda wc: settings.settings_hash(settings.eval_settings(chain_config(wc), wc.backbone, wc.task)),
+        settings=lambda wc: settings.settings_hash(settings.pre_edit_settings(chain_config(wc), wc.backbone, wc.task)),
     log:
         log_file("cache_pre_edit", "{backbone}", "{task}.log"),
     threads: THREADS
@@ -24,7 +26,9 @@ rule cache_pre_edit:
 
 
 def pre_edit_files(wildcards):
-    return [str(chain_layout(wildcards).pre_edit(wildcards.backbone, t)) for t in case_tasks(wildcards.task)]
+    layout = chain_layout(wildcards)
+    return [str(path) for t in case_tasks(wildcards.task)
+            for path in (layout.pre_edit(wildcards.backbone, t), layout.pre_edit_streams(wildcards.backbone, t))]
 
 
 rule prepare_editor:
