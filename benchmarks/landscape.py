@@ -5,9 +5,12 @@ Table 1 and each metric column (Rel, T-Gen, M-Gen, T-Loc, M-Loc), Kendall's tau-
 our six baselines' means and the paper's printed values for the same six (FT, KE, MEND,
 T-Patcher, IKE, SERAC). tau > 0: the orderings agree more than they disagree. UniKE is
 not part of the check: its standing stays an out-of-sample result. Reads a finished
-run's `metrics.duckdb`; writes benchmarks/results/landscape.json (summary.py renders it).
+run's `metrics.duckdb` (a seeds overlay's: each mean over its seeds); writes
+benchmarks/results/landscape.json, or `--out` (summary.py renders every
+benchmarks/results/landscape*.json).
 
     python benchmarks/landscape.py --config config.yaml
+    python benchmarks/landscape.py --config results/config.effective.yaml --out benchmarks/results/landscape-seeds.json
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 
 from reports.paper import paper_tables
 from reports.results import METRICS, Results
+from reports.tables import seeds_note
 from unike.config import load_config, paper_names
 from unike.grid import ONE_STEP, TASKS, Layout
 from unike.store import open_readonly
@@ -76,15 +80,18 @@ def landscape(results: Results, paper_backbone: dict[str, str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("config.yaml"))
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="where to write the figures (summary.py renders benchmarks/results/landscape*.json)")
     args = parser.parse_args()
     config = load_config(args.config)
     layout = Layout(config)
     paper_backbone, method_map = paper_names(config)
     with open_readonly(layout.db) as con:
         results = Results.load(con).with_paper_names(method_map, set())
-    figures = landscape(results, paper_backbone)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    figures = landscape(results, paper_backbone) | {"db": str(layout.db.resolve()),
+                                                    "seeds_note": seeds_note(results.cells.values())}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(f"agree {figures['agree']}, disagree {figures['disagree']}, neither {figures['neither']}; "
           f"mean tau by metric {figures['mean_tau_by_metric']}")
 

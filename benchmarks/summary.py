@@ -77,9 +77,8 @@ def main() -> None:
             lines.append(f"| {name} | {100 * r['token_acc']:.1f}% | {100 * r['exact_match']:.1f}%{before} "
                          f"| {100 * sum(text) / len(text):.1f}% | {follows} | {keeps} | {spread} | {r['train_s']:.0f} s |")
     lines += releases_section()
-    r = results.get("landscape")
-    if r:
-        lines += landscape_section(r)
+    for stem in sorted(k for k in results if k == "landscape" or k.startswith("landscape-")):
+        lines += landscape_section(results[stem])
     r = results.get("standing")
     if r:
         lines += standing_section(r)
@@ -231,10 +230,11 @@ def releases_section() -> list[str]:
 def landscape_section(r: dict) -> list[str]:
     """The six baselines' one-step ordering against the paper's (`landscape.py`)."""
     metrics = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
-    lines = ["", "## The baselines' landscape against the paper's (`landscape.py`, Table 1 one-step)", "",
+    source = f", from `{r['db']}`" if "db" in r else ""
+    lines = ["", f"## The baselines' landscape against the paper's (`landscape.py`, Table 1 one-step{source})", "",
              f"{r['statistic']}: > 0 where our ordering of the baselines agrees with the paper's more than it "
              f"disagrees. Agree: {r['agree']}, disagree: {r['disagree']}, neither: {r['neither']} "
-             f"(of {len(r['cells']) * len(metrics)}).", "",
+             f"(of {len(r['cells']) * len(metrics)}). {r.get('seeds_note', '')}".rstrip(), "",
              "| backbone | task | Rel | T-Gen | M-Gen | T-Loc | M-Loc |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for c in r["cells"]:
         lines.append(f"| {c['backbone']} | {c['task']} | " + " | ".join(f"{c['tau'][m]:+.2f}" for m in metrics) + " |")
