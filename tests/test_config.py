@@ -163,6 +163,18 @@ def test_each_seed_has_its_own_chain_config_and_hashes(config):
         assert per_seed[0] == settings.settings_hash(of(single))
 
 
+def test_the_pre_edit_cache_reruns_when_its_streams_move_to_another_layer(config):
+    """The streams are kept at UniKE's first edited layer: `knowledge.edited_layers` is part
+    of cache_pre_edit's settings (an edit_eval cell reruns after it, its inputs being newer)."""
+    from unike import config as settings
+
+    before = settings.settings_hash(settings.pre_edit_settings(load_config(copy.deepcopy(config)), "tiny-minigpt4",
+                                                               "e-vqa"))
+    config["knowledge"]["edited_layers"] = 2
+    after = settings.settings_hash(settings.pre_edit_settings(load_config(config), "tiny-minigpt4", "e-vqa"))
+    assert before != after
+
+
 @pytest.mark.parametrize("method,changed,reruns", [
     # beta scales zeta': read by UniKE, not by its variants without zeta or without neurons
     ("unike", {"beta": 0.7}, True),

@@ -3,9 +3,10 @@
 An editor is prepared once per (backbone, task) run, then applies edits one after the
 other (a sequence; one-step editing is a sequence of one), predicts on scored inputs, and
 restores the unedited backbone bit-exactly before the next sequence. Capability flags
-(`needs_training`, `needs_knowledge`, `lowest_edited_layer`) and capability classmethods of the parsed
-hyperparameters (`supports_sequential`, `prepare_key`) let config validation, the workflow
-and the harness decide what to run without knowing method names.
+(`needs_training`, `needs_knowledge`, an instance's `lowest_edited_layer`) and capability
+classmethods of the parsed hyperparameters (`supports_sequential`, `prepare_key`) let
+config validation, the workflow and the harness decide what to run without knowing
+method names.
 
 A config entry names its editor class by import path ("baselines.ft:FineTune"); the
 module is imported only when that method runs.

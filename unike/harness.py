@@ -58,13 +58,19 @@ def pre_edit_predictions(backbone: Backbone, cases: list[EditCase], streams: tup
     batches = [backbone.encode(case_samples(case)) for case in cases]
     out: dict[str, dict[str, list[int]]] = {}
     captured: dict[str, torch.Tensor] = {}  # the stream of the pass that runs
+    header: dict = {}  # the streams file's: every case's shape and place, then the layer
 
     def run(write=None) -> None:
         for i, (case, batch) in enumerate(zip(cases, batches)):
             logits = backbone.logits(batch)
             out[case.case_id] = {row: p.tolist() for row, p in zip(ROWS, answer_predictions(logits, batch))}
             if write is not None:
-                write(captured.pop("hidden"))
+                hidden = captured.pop("hidden")
+                if list(hidden.shape) != header[case.case_id]["shape"] or hidden.dtype != dtype:
+                    raise ValueError(f"pre-edit streams: {case.case_id}'s stream is {hidden.dtype} "
+                                     f"{list(hidden.shape)}, the file's header says {dtype} "
+                                     f"{header[case.case_id]['shape']}")
+                write(hidden)
             if (i + 1) % 50 == 0:
                 log.info("pre-edit predictions: %d/%d cases", i + 1, len(cases))
 
@@ -76,7 +82,7 @@ def pre_edit_predictions(backbone: Backbone, cases: list[EditCase], streams: tup
         lambda _m, args, kwargs: captured.__setitem__("hidden", args[0] if args else kwargs["hidden_states"]),
         with_kwargs=True)
     dtype, width = backbone.dtype, backbone.model.get_input_embeddings().embedding_dim
-    header, offset = {}, 0
+    offset = 0
     for case, batch in zip(cases, batches):
         shape = [len(batch), batch.input_ids.shape[1], width]
         size = math.prod(shape) * dtype.itemsize
