@@ -94,10 +94,9 @@ def main() -> None:
                   "a time. "
                   "Harness: pre-edit predictions from the cache, image features once per image, every pass of the edit "
                   "only through the layers it changes and those above (the lowest edited layer up: the layers column), "
-                  "the layers below once per edit, the five scored inputs as one batch"
-                  + (f", from their residual streams at layer {r['stream_layer']} cached by the pre-edit pass where the "
-                     "editor changes nothing below it (the scoring column; layer 0: the whole model). "
-                     if "stream_layer" in r else " through the whole model (before the pre-edit streams existed). ") +
+                  "the layers below once per edit, the five scored inputs as one batch, from their residual streams "
+                  f"at layer {r['stream_layer']} cached by the pre-edit pass where the editor changes nothing below it "
+                  "(the scoring column; from layer 0: the whole model). "
                   "s/edit: CPU seconds per case (edit, evaluation, scoring, restore; one thread, the machine is "
                   f"shared), each case's fastest of {r['repeats']} runs of each way, alternating; mean over the cases. "
                   "Both ways give the same metrics on every case and run (checked by the script).", "",
@@ -107,7 +106,7 @@ def main() -> None:
             for backbone, tasks in sorted(m["backbones"].items()):
                 for task, t in sorted(tasks.items()):
                     layers = f"{m['prefix_layer']}-{r['layers'] - 1}" if m["prefix_layer"] < r["layers"] - 1 else m["prefix_layer"]
-                    scoring = f"{m.get('scores_from', 0)}-{r['layers'] - 1}"
+                    scoring = f"{m['scores_from']}-{r['layers'] - 1}"
                     lines.append(f"| {method} | {layers} | {scoring} | {backbone} | {task} "
                                  f"| {t['cases']} | {t['plain_s_per_edit']:.4f} | {t['harness_s_per_edit']:.4f} "
                                  f"| {t['speedup']:.2f}x |")
@@ -230,11 +229,10 @@ def releases_section() -> list[str]:
 def landscape_section(r: dict) -> list[str]:
     """The six baselines' one-step ordering against the paper's (`landscape.py`)."""
     metrics = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
-    source = f", from `{r['db']}`" if "db" in r else ""
-    lines = ["", f"## The baselines' landscape against the paper's (`landscape.py`, Table 1 one-step{source})", "",
-             f"{r['statistic']}: > 0 where our ordering of the baselines agrees with the paper's more than it "
+    lines = ["", f"## The baselines' landscape against the paper's (`landscape.py`, Table 1 one-step, from `{r['db']}`)",
+             "", f"{r['statistic']}: > 0 where our ordering of the baselines agrees with the paper's more than it "
              f"disagrees. Agree: {r['agree']}, disagree: {r['disagree']}, neither: {r['neither']} "
-             f"(of {len(r['cells']) * len(metrics)}). {r.get('seeds_note', '')}".rstrip(), "",
+             f"(of {len(r['cells']) * len(metrics)}). {r['seeds_note']}", "",
              "| backbone | task | Rel | T-Gen | M-Gen | T-Loc | M-Loc |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for c in r["cells"]:
         lines.append(f"| {c['backbone']} | {c['task']} | " + " | ".join(f"{c['tau'][m]:+.2f}" for m in metrics) + " |")
