@@ -17,10 +17,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 LAYER = 1  # the test backbones have 2 decoder layers; FT edits layer 1
 
 
-def cached(backbone, cases, tmp_path, layer=LAYER):
-    """The pre-edit pass with streams, as cache_pre_edit runs it: (predictions, streams)."""
+def cached(backbone, cases, tmp_path):
+    """The pre-edit pass with streams at LAYER, as cache_pre_edit runs it: (predictions, streams)."""
     path = tmp_path / f"{backbone.name}.streams.safetensors"
-    preds = pre_edit_predictions(backbone, cases, (path, layer))
+    preds = pre_edit_predictions(backbone, cases, (path, LAYER))
     return pre_edit_tensors(preds, cases), PreEditStreams([path])
 
 
