@@ -49,7 +49,7 @@ import yaml
 
 from unike.backbones import IMAGE_TOKEN, Backbone, _check_image_token, cpu_device
 from unike.cli import _torch_setup
-from unike.config import edited_layers, merge_overlays, method_entry
+from unike.config import edited_layers, merge_overlays, method_entry, stream_layer
 from unike.grid import E_VQA, ONE_STEP, SPLIT_FILES
 from unike.convert_minigpt4 import qformer_config, required_keys, vision_config
 from unike.data import load_cases
@@ -443,7 +443,7 @@ def measure_backbone(name: str, record: dict, args, config: dict, cases: Cases, 
     progress(f"{name}: {record['parameters']['total']:,} parameters built in {record['build_s']:.1f} s", t_start)
     pre_edit_path = work / "pre_edit" / f"{name}.json"
     streams_path = work / "pre_edit" / f"{name}.streams.safetensors"  # as cache_pre_edit keeps them
-    preds = pre_edit_predictions(backbone, cases.eval, (streams_path, edited_layers(config, len(backbone.text))[0]))
+    preds = pre_edit_predictions(backbone, cases.eval, (streams_path, stream_layer(config, len(backbone.text))))
     save_pre_edit(pre_edit_path, preds, name)
     pre_edit = load_pre_edit(pre_edit_path, cases.eval)
     streams = PreEditStreams([streams_path])

@@ -241,13 +241,12 @@ def cmd_embed_spaces(args) -> None:
 def cmd_cache_pre_edit(args) -> None:
     config, layout = _setup(args)
     _torch_setup(config)
-    from unike.config import edited_layers
+    from unike.config import stream_layer
     from unike.harness import pre_edit_predictions, save_pre_edit
 
     backbone = _load_backbone(config, layout, args.backbone)
     cases = _eval_cases(config, layout, args.backbone, args.task)
-    # The streams at UniKE's first edited layer: the lowest any built-in intrinsic editor edits.
-    layer = edited_layers(config, len(backbone.text))[0]
+    layer = stream_layer(config, len(backbone.text))
     preds = pre_edit_predictions(backbone, cases, (layout.pre_edit_streams(args.backbone, args.task), layer))
     save_pre_edit(layout.pre_edit(args.backbone, args.task), preds, args.backbone)
     log.info("pre-edit predictions of %d %s cases cached, with their streams at layer %d", len(cases), args.task,

@@ -263,8 +263,8 @@ def eval_settings(config: dict, backbone: str, task: str) -> dict:
 
 
 def pre_edit_settings(config: dict, backbone: str, task: str) -> dict:
-    """cache_pre_edit: the eval cases it scores, and where it keeps their streams (UniKE's
-    first edited layer, from `knowledge.edited_layers`: `unike.harness`)."""
+    """cache_pre_edit: the eval cases it scores, and where it keeps their streams
+    (`stream_layer`, from `knowledge.edited_layers`)."""
     return {**eval_settings(config, backbone, task), "edited_layers": config.get("knowledge", {}).get("edited_layers")}
 
 
@@ -388,6 +388,12 @@ def edited_layers(config: dict, n_layers: int) -> list[int]:
     """UniKE's edited layers: the last `knowledge.edited_layers` decoder layers."""
     n = config.get("knowledge", {}).get("edited_layers", 4)
     return list(range(max(0, n_layers - n), n_layers))
+
+
+def stream_layer(config: dict, n_layers: int) -> int:
+    """Where the pre-edit pass keeps the scored inputs' residual streams (`unike.harness`):
+    UniKE's first edited layer, the lowest any built-in intrinsic editor edits."""
+    return edited_layers(config, n_layers)[0]
 
 
 # ---------------------------------------------------------------- external inputs

@@ -289,17 +289,18 @@ class UniKE(Editor):
         # whole layer would give.
         first = self.layers[0]
         fixed = {}
-        ffn_in, ffn_out = backbone.text.ffn_io(first)
+        _, ffn_out = backbone.text.ffn_io(first)
         handles = [
             backbone.text.ffn_residual_module(first).register_forward_pre_hook(
                 lambda _m, args: fixed.__setitem__("residual", args[0])),
-            ffn_in.register_forward_pre_hook(lambda _m, args: fixed.__setitem__("ffn_in", args[0])),
             ffn_out.register_forward_hook(lambda _m, _args, out: fixed.__setitem__("ffn_out", out), prepend=True)]
         try:
             edit_inputs, logits = ffn_inputs(backbone, batch, self.layers, prefix)
         finally:
             for handle in handles:
                 handle.remove()
+        # The first layer's FFN input as its FFN saw it (OPT's FFN runs on rows x tokens flattened).
+        first_ffn_in = edit_inputs[first].reshape(*fixed["ffn_out"].shape[:-1], -1)
         layer_shape = (*batch.input_ids.shape, fixed["residual"].shape[-1])
         if not bool((logits[0, :-1].argmax(-1)[mask] == target[mask]).all()):
             # The neurons learn what the latent knowledge does not supply; none if it does.
@@ -314,7 +315,7 @@ class UniKE(Editor):
             opt = torch.optim.Adam(params, lr=h.lr, foreach=True)  # one kernel per op for all neurons: 0.3 ms a step
             for step in range(h.max_steps):
                 first_output = backbone.text.finish_layer(
-                    first, fixed["residual"], self.patcher.patched(first, fixed["ffn_in"], fixed["ffn_out"]),
+                    first, fixed["residual"], self.patcher.patched(first, first_ffn_in, fixed["ffn_out"]),
                     layer_shape)
                 logits = backbone.logits_above(prefix, first_output)[0, :-1]  # the edited layers above and the head
                 # At least one step: the initial neurons (beta * zeta' in their values) may
